@@ -1,0 +1,1 @@
+"""The training harness: everything that runs on a training VM."""

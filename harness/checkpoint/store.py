@@ -1,0 +1,188 @@
+"""Where committed checkpoints live. A store holds checkpoints by step; a checkpoint exists in a store
+only once its manifest is there, and the manifest is always the last thing written.
+
+`open_store(url)` picks the implementation: a local path (local SSD, persistent disk) or gs://.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from harness.checkpoint.manifest import (
+    MANIFEST,
+    CorruptCheckpoint,
+    Manifest,
+    fsync_dir,
+    verify_local_files,
+    write_durably,
+)
+
+STEP_DIR = re.compile(r"^step_(\d{9})$")
+TMP_PREFIX = ".tmp-"
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used: the message names the store URL and the reason."""
+
+
+class CommitConflict(StoreError):
+    """Another writer committed this step first; ours is abandoned, theirs stays intact."""
+
+
+class Store(ABC):
+    url: str
+    is_local: bool = False
+
+    @abstractmethod
+    def check_access(self) -> None:
+        """Fail with StoreError naming the store when it cannot be read and written."""
+
+    @abstractmethod
+    def committed_steps(self) -> list[int]:
+        """Steps whose manifest is present (not yet verified), ascending."""
+
+    @abstractmethod
+    def read_manifest(self, step: int) -> Manifest: ...
+
+    @abstractmethod
+    def verify(self, step: int) -> Manifest:
+        """Read the manifest and check every file; CorruptCheckpoint names the file and reason."""
+
+    @abstractmethod
+    def put_committed(self, step: int, src_dir: Path, manifest: Manifest) -> None:
+        """Copy a committed checkpoint's files in, then write its manifest last (the commit)."""
+
+    @abstractmethod
+    def fetch(self, step: int, scratch: Path) -> Path:
+        """A local directory holding the checkpoint's files (downloaded into scratch if remote)."""
+
+    @abstractmethod
+    def delete(self, step: int) -> None: ...
+
+    @abstractmethod
+    def cleanup_uncommitted(self, older_than_s: float) -> list[str]:
+        """Remove leftovers of saves that never committed; returns what was removed."""
+
+
+class LocalStore(Store):
+    """A directory: each checkpoint is `step_XXXXXXXXX/` made by renaming a finished temp directory."""
+
+    is_local = True
+
+    def __init__(self, path: str):
+        self.url = path
+        self.root = Path(path).expanduser()
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / step_dirname(step)
+
+    def attempt_dir(self, step: int, attempt: str) -> Path:
+        return self.root / f"{TMP_PREFIX}{step_dirname(step)}-{attempt}"
+
+    def check_access(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f"{TMP_PREFIX}probe-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as err:
+            raise StoreError(f"checkpoint store {self.url!r} is not writable: {err.strerror or err}") from None
+
+    def committed_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        steps = [int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name))]
+        return sorted(steps)
+
+    def read_manifest(self, step: int) -> Manifest:
+        path = self.step_dir(step) / MANIFEST
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise CorruptCheckpoint(str(path), "manifest missing") from None
+        except UnicodeDecodeError:
+            raise CorruptCheckpoint(str(path), "manifest is not text") from None
+        manifest = Manifest.from_json(text, str(path))
+        if manifest.step != step:
+            raise CorruptCheckpoint(str(path), f"manifest is for step {manifest.step}, not {step}")
+        return manifest
+
+    def verify(self, step: int) -> Manifest:
+        manifest = self.read_manifest(step)
+        verify_local_files(self.step_dir(step), manifest)
+        return manifest
+
+    def commit(self, attempt_dir: Path, manifest: Manifest) -> Path:
+        """Make a fully written attempt directory the checkpoint of its step, atomically."""
+        write_durably(attempt_dir / MANIFEST, manifest.to_json().encode())
+        fsync_dir(attempt_dir)
+        final = self.step_dir(manifest.step)
+        try:
+            os.rename(attempt_dir, final)
+        except OSError as err:
+            if final.exists():
+                raise CommitConflict(
+                    f"checkpoint store {self.url!r}: step {manifest.step} was already committed by another "
+                    f"writer; this attempt ({attempt_dir.name}) is abandoned"
+                ) from None
+            raise StoreError(f"checkpoint store {self.url!r}: commit failed: {err}") from None
+        fsync_dir(self.root)
+        return final
+
+    def put_committed(self, step: int, src_dir: Path, manifest: Manifest) -> None:
+        attempt = self.attempt_dir(step, manifest.attempt or "copy")
+        if attempt.exists():
+            shutil.rmtree(attempt)
+        attempt.mkdir(parents=True)
+        for name in manifest.files:
+            dst = attempt / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src_dir / name, dst)
+            with open(dst, "rb+") as f:
+                os.fsync(f.fileno())
+        self.commit(attempt, manifest)
+
+    def fetch(self, step: int, scratch: Path) -> Path:
+        return self.step_dir(step)
+
+    def delete(self, step: int) -> None:
+        # Rename first so a crash mid-delete never leaves a half-deleted directory that looks committed.
+        doomed = self.root / f"{TMP_PREFIX}deleting-{step_dirname(step)}-{time.time_ns()}"
+        os.rename(self.step_dir(step), doomed)
+        shutil.rmtree(doomed)
+
+    def cleanup_uncommitted(self, older_than_s: float) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        removed = []
+        now = time.time()
+        for p in self.root.iterdir():
+            if p.name.startswith(TMP_PREFIX) and now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p.name)
+        return removed
+
+
+def open_store(url: str) -> Store:
+    """A store for a URL: gs://bucket/prefix or a local path. Malformed URLs fail naming the URL."""
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        if scheme == "gs":
+            from harness.checkpoint.gcs import GCSStore
+
+            return GCSStore(url)
+        if scheme == "file":
+            return LocalStore(url[len("file://") :])
+        raise StoreError(f"checkpoint store {url!r}: unsupported scheme {scheme!r}; use a local path or gs://bucket/prefix")
+    if not url.strip():
+        raise StoreError("checkpoint store '' is empty; use a local path or gs://bucket/prefix")
+    return LocalStore(url)

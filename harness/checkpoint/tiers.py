@@ -1,0 +1,45 @@
+"""The ordered list of checkpoint tiers built from config: the first is always a local directory that
+the DCP writer fills; slower tiers receive copies of its committed files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.checkpoint.store import LocalStore, Store, open_store
+
+
+@dataclass
+class Tier:
+    name: str
+    store: Store
+    keep: int
+    every: int = 1  # promote every Nth checkpoint committed in the first tier
+    every_seconds: float = 0.0  # ...or when this long has passed since the last promotion
+    ephemeral: bool = False  # dies with the VM (local SSD, staging): not a safe home for a last save
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.store.url})"
+
+
+def build_tiers(cfg) -> list[Tier]:
+    """Tiers from `checkpoint.*`: the store (local, or gs:// staged through a local directory), then
+    `checkpoint.slower_tiers` in order."""
+    first = open_store(cfg.store)
+    tiers: list[Tier] = []
+    if first.is_local:
+        tiers.append(Tier("local", first, keep=cfg.keep, ephemeral=cfg.ephemeral))
+    else:
+        tiers.append(Tier("staging", LocalStore(cfg.staging_dir), keep=1, ephemeral=True))
+        tiers.append(Tier(_scheme(cfg.store), first, keep=cfg.keep))
+    for i, extra in enumerate(cfg.slower_tiers):
+        store = open_store(extra.url)
+        name = extra.get("name") or f"{_scheme(extra.url)}{i}"
+        tiers.append(
+            Tier(name, store, keep=extra.keep, every=extra.every, every_seconds=extra.every_seconds,
+                 ephemeral=extra.ephemeral)
+        )
+    return tiers
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "disk"

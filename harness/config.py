@@ -1,0 +1,228 @@
+"""Structured configs for every Hydra group, and the checks that run before anything trains.
+
+One dataclass per group, registered in Hydra's ConfigStore as the schema of `conf/config.yaml`, so a
+wrong type or an unknown key fails at compose time with a message naming the key. Checks that span
+keys (divisibility, ranges) live in `validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the key and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs/${run.name}"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    global_batch_size: int = 16
+    # Micro-batches per optimizer step on each rank; None derives it from micro_batch_size.
+    grad_accum: Optional[int] = None
+    # Samples per forward pass on one rank; 0 means the rank's whole share in one pass.
+    micro_batch_size: int = 0
+    grad_clip: float = 1.0
+    log_interval: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class GPTConfig:
+    _target_: str = "harness.models.gpt.GPT"
+    vocab_size: int = "${data.vocab_size}"  # type: ignore[assignment]
+    block_size: int = "${data.block_size}"  # type: ignore[assignment]
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "harness.data.synthetic.SyntheticTokens"
+    vocab_size: int = 256
+    block_size: int = 64
+    path: Optional[str] = None  # token file for data=tokens
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+
+
+@dataclass
+class TierConfig:
+    """A slower checkpoint tier, filled by copying checkpoints committed in the first tier."""
+
+    url: str = "???"
+    name: str = ""
+    every: int = 1  # promote every Nth checkpoint of the first tier
+    every_seconds: float = 0.0  # ...or when this long has passed since the last promotion (0 = off)
+    keep: int = 3
+    ephemeral: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    # The fastest tier; later tiers are filled by copying its committed files.
+    store: str = "${run.dir}/checkpoints"
+    interval_steps: Any = 50  # an int, or "auto" (Young/Daly from measured cost and MTBI)
+    keep: int = 3
+    ephemeral: bool = False  # the store dies with the VM (local SSD): emergency saves go further
+    slower_tiers: list[TierConfig] = field(default_factory=list)
+    if_busy: str = "wait"  # wait | skip: a save requested while the previous one is in flight
+    staging_dir: str = "${run.dir}/staging"  # local directory the writer fills when store is remote
+    scratch_dir: str = "${run.dir}/restore"  # where a remote checkpoint is downloaded to restore
+    write_threads: int = 4
+    mtbi_s: float = 3600.0  # expected mean time between interruptions, for interval_steps=auto
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "spot-training"
+    entity: Optional[str] = None
+    dir: str = "${run.dir}"
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 2
+    nnodes: str = "1"  # "N" or "MIN:MAX"
+    rdzv_endpoint: str = "127.0.0.1:29400"
+    rdzv_backend: str = "c10d"
+    max_restarts: int = 0
+    standalone: bool = True
+    shutdown_timeout_s: int = 27  # torchrun's SIGTERM -> SIGKILL grace; inside GCP's 30 s
+
+
+@dataclass
+class PreemptionConfig:
+    deadline_s: float = 25.0
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    metadata_watch: bool = True
+    # A step in progress when the notice arrives: finish it (then save) or abandon it (save the
+    # last completed state).
+    in_flight_step: str = "finish"  # finish | abandon
+
+
+@dataclass
+class ElasticConfig:
+    lr_scaling: str = "none"  # none | linear | sqrt, when the global batch cannot stay constant
+
+
+@dataclass
+class HealthConfig:
+    port: int = 8888
+    stall_s: float = 300.0
+    enabled: bool = True
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 1337
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Typed per option (conf/model/gpt.yaml extends GPTConfig); a user's own model config is free-form.
+    model: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    # Groups owned by the telemetry, cost and infra layers; their own modules validate them.
+    telemetry: Any = None
+    cost: Any = None
+    infra: Any = None
+    topology: Any = None
+    chaos: Any = None
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    cs.store(group="model", name="gpt_schema", node=GPTConfig)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that types alone cannot express; raises ConfigError naming the key."""
+    _positive("train.max_steps", cfg.train.max_steps)
+    _positive("train.global_batch_size", cfg.train.global_batch_size)
+    _positive("train.micro_batch_size", cfg.train.micro_batch_size, zero_ok=True)
+    if cfg.train.grad_accum is not None:
+        _positive("train.grad_accum", cfg.train.grad_accum)
+    _one_of("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
+    interval = cfg.checkpoint.interval_steps
+    if interval != "auto" and not (isinstance(interval, int) and not isinstance(interval, bool) and interval > 0):
+        raise ConfigError(f"checkpoint.interval_steps={interval!r} must be a positive integer or 'auto'")
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _one_of("checkpoint.if_busy", cfg.checkpoint.if_busy, ("wait", "skip"))
+    _one_of("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
+    _positive("launch.nproc_per_node", cfg.launch.nproc_per_node)
+    _positive("preemption.deadline_s", cfg.preemption.deadline_s)
+    _one_of("preemption.in_flight_step", cfg.preemption.in_flight_step, ("finish", "abandon"))
+    _one_of("elastic.lr_scaling", cfg.elastic.lr_scaling, ("none", "linear", "sqrt"))
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
+    if not str(cfg.model.get("_target_", "")):
+        raise ConfigError("model._target_ is required: the import path of an nn.Module class")
+
+
+def load(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """Compose `conf/` with Hydra overrides, resolve and validate; ConfigError on any bad input.
+
+    The compose API rather than @hydra.main: every rank under torchrun composes the same config
+    without a Hydra output directory of its own.
+    """
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_first_line(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    # OmegaConf appends "full_key: ..., object_type=..." lines; keep the message and the key.
+    lines = [line for line in text.splitlines() if line.strip()]
+    keep = [lines[0]] + [line.strip() for line in lines[1:] if line.strip().startswith("full_key")]
+    return " | ".join(keep)

@@ -1,0 +1,64 @@
+"""Build the torchrun command line from `launch.*` and run it: `python -m harness.launch [overrides]`.
+
+Exit codes: 0 finished, 75 preempted (emergency checkpoint saved: restart me), 2 bad config, other
+non-zero a failure. torchrun reports a worker's preempted exit as a failure, so the launcher reads the
+marker the trainer leaves to tell the two apart. SIGTERM and SIGINT are passed on to torchrun, whose
+agent passes them to the workers and waits `launch.shutdown_timeout_s` before killing them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from harness import config
+from harness.preemption import PREEMPTED_EXIT_CODE
+
+MARKER = "PREEMPTED"
+
+
+def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    launch = cfg.launch
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.nproc_per_node}"]
+    if launch.standalone:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={launch.nnodes}", f"--rdzv-backend={launch.rdzv_backend}",
+                f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={cfg.run.name}"]
+    cmd += [f"--max-restarts={launch.max_restarts}", f"--shutdown-timeout={launch.shutdown_timeout_s}",
+            "-m", "harness.train", *overrides]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = config.load(overrides)
+    except config.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    marker = Path(cfg.run.dir) / MARKER
+    cmd = torchrun_command(cfg, overrides)
+    print("launch:", " ".join(cmd), flush=True)
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    proc = subprocess.Popen(cmd, env=env)
+    forward = lambda signum, _frame: proc.send_signal(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    if code != 0 and marker.exists():
+        return PREEMPTED_EXIT_CODE
+    if code == 0:
+        summary = Path(cfg.run.dir) / "summary.json"
+        print(f"run dir: {cfg.run.dir}\n  summary: {summary}\n  checkpoints: {cfg.checkpoint.store}\n"
+              f"  wandb: {cfg.wandb.dir}/wandb ({cfg.wandb.mode})", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

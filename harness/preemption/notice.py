@@ -1,0 +1,48 @@
+"""One notice object fed by every source. Signal handlers only record (no I/O, no locks)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure; the user is invited to retry". The launch scripts
+# and systemd read it as "preempted: checkpoint saved, restart me".
+PREEMPTED_EXIT_CODE = 75
+
+
+@dataclass(frozen=True)
+class Notice:
+    source: str  # "SIGTERM", "metadata:preempted", ...
+    time: float  # time.time() when recorded
+    deadline: float  # time.time() by which the emergency save must be durable
+
+
+class NoticeBoard:
+    """Holds the first notice; later ones are counted but do not move the deadline."""
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+        self.notice: Optional[Notice] = None
+        self.count = 0
+
+    def record(self, source: str) -> None:
+        self.count += 1
+        if self.notice is None:
+            now = time.time()
+            self.notice = Notice(source, now, now + self.deadline_s)
+
+    @property
+    def pending(self) -> bool:
+        return self.notice is not None
+
+    def seconds_left(self) -> float:
+        return self.notice.deadline - time.time() if self.notice else self.deadline_s
+
+    def install_signal_handlers(self, names: list[str]) -> None:
+        for name in names:
+            signum = getattr(signal, name, None)
+            if not isinstance(signum, signal.Signals):
+                raise ValueError(f"preemption.signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+            signal.signal(signum, lambda s, _frame: self.record(signal.Signals(s).name))

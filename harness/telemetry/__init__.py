@@ -1,0 +1,1 @@
+"""Goodput and cost telemetry: ledger, goodput, W&B and Cloud Monitoring sinks."""

@@ -1,0 +1,234 @@
+"""Entry point: `python -m harness.train [hydra overrides]`, alone or under torchrun.
+
+The loop: restore the newest verified checkpoint, then for each step take this step's global batch
+by sample index, accumulate gradients over micro-batches, clip, step; at each step boundary all
+ranks agree (one tiny collective) whether any rank holds a preemption notice or a busy checkpoint
+writer; save on cadence; on a notice, save within the deadline and exit with the "preempted" code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from harness import config, distributed
+from harness.checkpoint import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, StoreError
+from harness.data import make_batch, rank_indices
+from harness.optim import build_optimizer, lr_at, set_lr
+from harness.preemption import PREEMPTED_EXIT_CODE, NoticeBoard
+from harness.preemption.health import Health, serve
+from harness.preemption.metadata import MetadataWatcher
+from harness.progress import ProgressDisplay
+from harness.state import TrainState, model_sha256, seed_everything, unwrap
+
+log = logging.getLogger("harness")
+MARKER = "PREEMPTED"
+
+
+@dataclass
+class BatchPlan:
+    """How one global batch is split across ranks and micro-batches at this world size."""
+
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    lr_scale: float = 1.0
+
+    @classmethod
+    def for_world(cls, cfg: DictConfig, world_size: int) -> BatchPlan:
+        B = cfg.train.global_batch_size
+        if B % world_size:
+            return cls._rescaled(cfg, world_size)
+        share = B // world_size
+        if cfg.train.grad_accum:
+            accum = cfg.train.grad_accum
+        elif cfg.train.micro_batch_size:
+            accum = math.ceil(share / cfg.train.micro_batch_size)
+        else:
+            accum = 1
+        if share % accum:
+            raise config.ConfigError(
+                f"train.global_batch_size={B} over {world_size} ranks gives {share} samples per rank, "
+                f"not divisible into train.grad_accum={accum} micro-batches"
+            )
+        return cls(B, share // accum, accum)
+
+    @classmethod
+    def _rescaled(cls, cfg: DictConfig, world_size: int) -> BatchPlan:
+        """Global batch not divisible by the world size: round down and scale the LR as configured."""
+        rule = cfg.elastic.lr_scaling
+        B = (cfg.train.global_batch_size // world_size) * world_size
+        if B == 0:
+            raise config.ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} < world size {world_size}")
+        ratio = B / cfg.train.global_batch_size
+        scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+        log.warning("global batch %d not divisible by world size %d: using %d, lr x%.3f (elastic.lr_scaling=%s)",
+                    cfg.train.global_batch_size, world_size, B, scale, rule)
+        return cls(B, B // world_size, 1, scale)
+
+
+def build(cfg: DictConfig, d: distributed.Dist):
+    dataset = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all").to(d.device)
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(unwrap(model), cfg.optim)
+    return dataset, model, optimizer
+
+
+def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d, cfg, notices, autocast) -> float | None:
+    """One optimizer step over this rank's share of the global batch; None if abandoned on a notice."""
+    indices = rank_indices(state.progress.sample_index, plan.global_batch, d.rank, d.world_size)
+    loss_sum = 0.0
+    for micro in range(plan.grad_accum):
+        if micro and cfg.preemption.in_flight_step == "abandon" and distributed.any_rank(d, notices.pending)[0]:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        part = indices[micro * plan.micro_batch : (micro + 1) * plan.micro_batch]
+        x, y = (t.to(d.device) for t in make_batch(dataset, part))
+        last = micro == plan.grad_accum - 1
+        with (model.no_sync() if d.enabled and not last else nullcontext()), autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        (loss / plan.grad_accum).backward()
+        loss_sum += loss.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    set_lr(optimizer, lr_at(state.progress.step, cfg.train.max_steps, cfg.optim, plan.lr_scale))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.progress.step += 1
+    state.progress.sample_index += plan.global_batch
+    return loss_sum / plan.grad_accum
+
+
+def run(cfg: DictConfig) -> int:
+    started = time.time()
+    d = distributed.init(cfg.train.device)
+    run_dir = Path(cfg.run.dir)
+    notices = NoticeBoard(cfg.preemption.deadline_s)
+    notices.install_signal_handlers(list(cfg.preemption.signals))
+    watcher = MetadataWatcher(notices.record).start() if cfg.preemption.metadata_watch else None
+    health = Health(cfg.health.stall_s)
+    server = serve(health, cfg.health.port) if cfg.health.enabled and d.is_node_leader else None
+    try:
+        seed_everything(cfg.seed, d.rank)
+        dataset, model, optimizer = build(cfg, d)
+        state = TrainState(model, optimizer, d.rank)
+        ckpt = CheckpointManager(cfg.checkpoint, d)
+        health.set_phase("restoring")
+        restored = ckpt.restore(state)
+        if restored:
+            state.progress.restarts += 1
+            log.info("resumed from step %d (%s tier, %.2fs)", restored.step, restored.tier, restored.seconds)
+        if d.world_size not in state.progress.world_sizes:
+            state.progress.world_sizes.append(d.world_size)
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / MARKER).unlink(missing_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        code = loop(cfg, d, model, optimizer, dataset, state, ckpt, notices, health)
+        health.set_phase("preempted" if code == PREEMPTED_EXIT_CODE else "finished")
+        ckpt.close()
+        if d.is_main and code == 0:
+            write_summary(run_dir, state, started)
+        return code
+    finally:
+        if watcher:
+            watcher.stop()
+        if server:
+            server.shutdown()
+        distributed.shutdown(d)
+
+
+def loop(cfg, d, model, optimizer, dataset, state: TrainState, ckpt: CheckpointManager, notices: NoticeBoard,
+         health: Health) -> int:
+    plan = BatchPlan.for_world(cfg, d.world_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+    display = ProgressDisplay(cfg.train.max_steps, state.progress.step, enabled=d.is_main,
+                              log_interval=cfg.train.log_interval)
+    interval = cfg.checkpoint.interval_steps if cfg.checkpoint.interval_steps != "auto" else 50
+    health.set_phase("training")
+    model.train()
+    while True:
+        preempt, writer_busy = distributed.any_rank(d, notices.pending, ckpt.busy)
+        if preempt:
+            return emergency_exit(cfg, d, state, ckpt, notices, health)
+        if state.progress.step >= cfg.train.max_steps:
+            break
+        t0 = time.perf_counter()
+        loss = train_step(model, optimizer, dataset, plan, state, d, cfg, notices, autocast)
+        if loss is None:  # abandoned on a notice: the state is the last completed step
+            continue
+        health.step_done(state.progress.step)
+        display.update(state.progress.step, loss, time.perf_counter() - t0)
+        if state.progress.step % interval == 0 or state.progress.step == cfg.train.max_steps:
+            skip = writer_busy and cfg.checkpoint.if_busy == "skip"
+            ckpt.save(state.progress.step, state, skip=skip)
+        for report in ckpt.drain_reports():
+            if not report.ok:
+                log.warning("checkpoint %s of step %d on %s failed: %s", report.kind, report.step, report.tier,
+                            report.detail)
+    display.close()
+    return 0
+
+
+def emergency_exit(cfg, d, state, ckpt: CheckpointManager, notices: NoticeBoard, health: Health) -> int:
+    """All ranks agreed a notice is pending: save the last completed step within the deadline, leave the
+    marker the shutdown script waits on, exit with the preempted code."""
+    health.set_phase("saving")
+    source = notices.notice.source if notices.notice else "another rank"
+    log.warning("preemption notice (%s): emergency checkpoint at step %d", source, state.progress.step)
+    report = ckpt.save_now(state.progress.step, state, max(1.0, notices.seconds_left()))
+    distributed.any_rank(d, False)  # every rank's part is durable before the marker says so
+    if d.is_main:
+        marker = {"step": report.step, "tier": report.tier, "seconds": round(report.seconds, 3),
+                  "source": source, "ok": report.ok}
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.dir) / MARKER).write_text(json.dumps(marker) + "\n")
+        print(f"preempted: step {report.step} saved to {report.tier} in {report.seconds:.2f}s; "
+              f"exit {PREEMPTED_EXIT_CODE} (restart to resume)", flush=True)
+    return PREEMPTED_EXIT_CODE
+
+
+def write_summary(run_dir: Path, state: TrainState, started: float) -> None:
+    summary = {
+        "final_step": state.progress.step,
+        "model_sha256": model_sha256(state.model),
+        "wall_seconds": round(time.time() - started, 3),
+        "restarts": state.progress.restarts,
+        "world_sizes": state.progress.world_sizes,
+        "sample_index": state.progress.sample_index,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"[rank{os.environ.get('RANK', 0)}] %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config.load(sys.argv[1:] if argv is None else argv)
+    except config.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run(cfg)
+    except (config.ConfigError, StoreError, CheckpointMismatch, NoUsableCheckpoint) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Real training processes for tests: launch `harness.train` alone or under torchrun, wait for
+on-disk events, kill whole process trees the way a VM dies, read results back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small and fast, but with enough state that a checkpoint write takes measurable time.
+FAST = ["health.enabled=false", "preemption.metadata_watch=false", "train.log_interval=5"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    e.update(extra)
+    return e
+
+
+def train_cmd(nproc: int, overrides: list[str], max_restarts: int = 0) -> list[str]:
+    if nproc == 0:
+        return [sys.executable, "-m", "harness.train", *FAST, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "harness.train", *FAST, *overrides]
+
+
+def start(nproc: int, overrides: list[str], log: Path, **kw) -> subprocess.Popen:
+    """nproc=0 runs one plain process; n >= 1 runs torchrun with n workers."""
+    out = open(log, "ab")
+    return subprocess.Popen(train_cmd(nproc, overrides, **kw), cwd=REPO, env=env(), stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run(nproc: int, overrides: list[str], log: Path, timeout: float = 240, **kw) -> int:
+    proc = start(nproc, overrides, log, **kw)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        raise AssertionError(f"training timed out; log:\n{tail(log)}") from None
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal a process and every process below it (torchrun puts workers in sessions of their own,
+    so killing a process group is not enough to imitate a VM's death)."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    return [p for p in descendants(agent_pid) if "harness.train" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.002, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def committed(store: Path) -> list[str]:
+    return sorted(p.name for p in store.glob("step_*")) if store.is_dir() else []
+
+
+def in_progress(store: Path) -> list[str]:
+    return sorted(p.name for p in store.glob(".tmp-step_*")) if store.is_dir() else []
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def tail(log: Path, n: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else "(no log)"
