@@ -220,9 +220,12 @@ def load(overrides: list[str], config_name: str = "config") -> DictConfig:
     return cfg
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    # OmegaConf appends "full_key: ..., object_type=..." lines; keep the message and the key.
-    lines = [line for line in text.splitlines() if line.strip()]
-    keep = [lines[0]] + [line.strip() for line in lines[1:] if line.strip().startswith("full_key")]
-    return " | ".join(keep)
+def _first_line(err: BaseException) -> str:
+    """Hydra's message plus its cause's first line ("Value 'abc' ... Integer"), without OmegaConf's
+    object_type noise: enough to name the key and what it accepts."""
+    parts = []
+    while err is not None and len(parts) < 3:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        parts += [line for line in lines if not line.startswith(("reference_type", "object_type", "To append"))]
+        err = err.__cause__
+    return " | ".join(dict.fromkeys(parts))

@@ -17,6 +17,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from harness import config
+from harness.checkpoint.store import StoreError
+from harness.checkpoint.tiers import build_tiers
 from harness.preemption import PREEMPTED_EXIT_CODE
 
 MARKER = "PREEMPTED"
@@ -39,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     try:
         cfg = config.load(overrides)
+        for tier in build_tiers(cfg.checkpoint):
+            tier.store.check_access()
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except StoreError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     marker = Path(cfg.run.dir) / MARKER
     cmd = torchrun_command(cfg, overrides)
