@@ -7,9 +7,10 @@ keys (divisibility, ranges) live in `validate`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -17,7 +18,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The repo's conf/ in a checkout; on a VM the startup script points SPOT_CONF_DIR at the released copy.
+CONF_DIR = Path(os.environ.get("SPOT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 
 
 class ConfigError(ValueError):
@@ -35,12 +37,14 @@ class TrainConfig:
     max_steps: int = 200
     global_batch_size: int = 16
     # Micro-batches per optimizer step on each rank; None derives it from micro_batch_size.
-    grad_accum: Optional[int] = None
+    grad_accum: int | None = None
     # Samples per forward pass on one rank; 0 means the rank's whole share in one pass.
     micro_batch_size: int = 0
     grad_clip: float = 1.0
     log_interval: int = 10
     device: str = "auto"  # auto | cpu | cuda
+    # Append each step's global sample indices to ${run.dir}/samples/ (an audit of the data stream).
+    audit_samples: bool = False
 
 
 @dataclass
@@ -59,7 +63,7 @@ class DataConfig:
     _target_: str = "harness.data.synthetic.SyntheticTokens"
     vocab_size: int = 256
     block_size: int = 64
-    path: Optional[str] = None  # token file for data=tokens
+    path: str | None = None  # token file for data=tokens
 
 
 @dataclass
@@ -103,7 +107,7 @@ class CheckpointConfig:
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "spot-training"
-    entity: Optional[str] = None
+    entity: str | None = None
     dir: str = "${run.dir}"
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from harness import config, distributed
 from harness.checkpoint import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, StoreError
@@ -90,7 +91,8 @@ def build(cfg: DictConfig, d: distributed.Dist):
     return dataset, model, optimizer
 
 
-def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d, cfg, notices, autocast) -> float | None:
+def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d, cfg, notices, autocast,
+               audit) -> float | None:
     """One optimizer step over this rank's share of the global batch; None if abandoned on a notice."""
     indices = rank_indices(state.progress.sample_index, plan.global_batch, d.rank, d.world_size)
     loss_sum = 0.0
@@ -110,6 +112,8 @@ def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d,
     set_lr(optimizer, lr_at(state.progress.step, cfg.train.max_steps, cfg.optim, plan.lr_scale))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if audit:
+        audit.write(f"{state.progress.step} {indices.start} {indices.stop}\n")
     state.progress.step += 1
     state.progress.sample_index += plan.global_batch
     return loss_sum / plan.grad_accum
@@ -161,6 +165,7 @@ def loop(cfg, d, model, optimizer, dataset, state: TrainState, ckpt: CheckpointM
     display = ProgressDisplay(cfg.train.max_steps, state.progress.step, enabled=d.is_main,
                               log_interval=cfg.train.log_interval)
     interval = cfg.checkpoint.interval_steps if cfg.checkpoint.interval_steps != "auto" else 50
+    audit = open_audit(cfg, d) if cfg.train.audit_samples else None
     health.set_phase("training")
     model.train()
     while True:
@@ -170,7 +175,7 @@ def loop(cfg, d, model, optimizer, dataset, state: TrainState, ckpt: CheckpointM
         if state.progress.step >= cfg.train.max_steps:
             break
         t0 = time.perf_counter()
-        loss = train_step(model, optimizer, dataset, plan, state, d, cfg, notices, autocast)
+        loss = train_step(model, optimizer, dataset, plan, state, d, cfg, notices, autocast, audit)
         if loss is None:  # abandoned on a notice: the state is the last completed step
             continue
         health.step_done(state.progress.step)
@@ -184,6 +189,13 @@ def loop(cfg, d, model, optimizer, dataset, state: TrainState, ckpt: CheckpointM
                             report.detail)
     display.close()
     return 0
+
+
+def open_audit(cfg, d):
+    """Line-buffered record of `step first_index stop_index` per completed step, one file per process."""
+    folder = Path(cfg.run.dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"rank{d.rank}-{os.getpid()}.txt", "a", buffering=1)
 
 
 def emergency_exit(cfg, d, state, ckpt: CheckpointManager, notices: NoticeBoard, health: Health) -> int:
@@ -216,8 +228,10 @@ def write_summary(run_dir: Path, state: TrainState, started: float) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+@record
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format=f"[rank{os.environ.get('RANK', 0)}] %(levelname)s %(name)s: %(message)s")
+    rank = os.environ.get("RANK", 0)
+    logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config.load(sys.argv[1:] if argv is None else argv)
     except config.ConfigError as err:

@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # Small and fast, but with enough state that a checkpoint write takes measurable time.
-FAST = ["health.enabled=false", "preemption.metadata_watch=false", "train.log_interval=5"]
+FAST = ["health.enabled=false", "train.log_interval=5"]
 
 
 def free_port() -> int:
@@ -114,3 +114,34 @@ def summary(run_dir: Path) -> dict:
 
 def tail(log: Path, n: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else "(no log)"
+
+
+def launcher_cmd(nproc: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "harness.launch", f"launch.nproc_per_node={nproc}", *FAST, *overrides]
+
+
+def start_launcher(nproc: int, overrides: list[str], log: Path, extra_env: dict | None = None,
+                   new_session: bool = True) -> subprocess.Popen:
+    """`python -m harness.launch` as `make train` runs it (torchrun underneath)."""
+    out = open(log, "ab")
+    return subprocess.Popen(launcher_cmd(nproc, overrides), cwd=REPO, env=env(**(extra_env or {})), stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=new_session)
+
+
+def training_workers(root_pid: int) -> list[int]:
+    """PIDs of the `harness.train` worker processes below a launcher or torchrun agent."""
+    return sorted(p for p in descendants(root_pid)
+                  if "harness.train" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p))
+
+
+def logged_step(log: Path, step: int) -> bool:
+    return log.exists() and f"step {step}/" in log.read_text(errors="replace")
+
+
+def run_launcher(nproc: int, overrides: list[str], log: Path, timeout: float = 240, **kw) -> int:
+    proc = start_launcher(nproc, overrides, log, **kw)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        raise AssertionError(f"launcher timed out; log:\n{tail(log)}") from None

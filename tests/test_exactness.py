@@ -11,20 +11,9 @@ CONFIG = ["train.max_steps=40", "checkpoint.interval_steps=10", "model.n_embd=19
           "checkpoint.write_threads=1"]
 
 
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory):
-    """model_sha256 of uninterrupted runs, per process count."""
-    cache: dict[int, str] = {}
-
-    def get(nproc: int) -> str:
-        if nproc not in cache:
-            run_dir = tmp_path_factory.mktemp(f"ref{nproc}")
-            log = run_dir / "log.txt"
-            assert runs.run(nproc, CONFIG + [f"run.dir={run_dir}"], log) == 0, runs.tail(log)
-            cache[nproc] = runs.summary(run_dir)["model_sha256"]
-        return cache[nproc]
-
-    return get
+@pytest.fixture
+def reference(reference_sha):
+    return lambda nproc: reference_sha(nproc, CONFIG)
 
 
 def kill_then_resume(tmp_path, nproc: int, kill_when) -> dict:

@@ -21,7 +21,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -29,8 +29,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from harness.checkpoint.manifest import CorruptCheckpoint, FileEntry, Manifest, file_entry
-from harness.checkpoint.store import LocalStore, StoreError, step_dirname
 from harness.checkpoint.snapshot import Snapshotter
+from harness.checkpoint.store import LocalStore, StoreError
 from harness.checkpoint.tiers import Tier, build_tiers
 from harness.distributed import Dist, all_gather_object, broadcast_object
 from harness.state import TrainState
@@ -75,9 +75,9 @@ class CheckpointManager:
         self.snapshotter = Snapshotter()
         self.reports: queue.Queue[Report] = queue.Queue()
         self.counters = {"saves": 0, "skipped": 0, "waited": 0, "failed": 0, "promote_skipped": 0}
-        self.last_committed: Optional[int] = None
+        self.last_committed: int | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
-        self._inflight: Optional[Future] = None
+        self._inflight: Future | None = None
         self._promoters = [_Promoter(self, t) for t in self.tiers[1:]] if d.is_node_leader else []
         self._pinned: set[int] = set()  # steps a promoter is copying: retention leaves them alone
         self._lock = threading.Lock()
@@ -164,7 +164,7 @@ class CheckpointManager:
             for promoter in self._promoters:
                 promoter.offer(step, manifest)
 
-    def _promote_within(self, step: int, budget_s: float) -> Optional[Tier]:
+    def _promote_within(self, step: int, budget_s: float) -> Tier | None:
         """Copy `step` synchronously to the first durable tier whose measured speed fits the budget."""
         manifest = self.first.read_manifest(step)
         for promoter in self._promoters:
@@ -206,7 +206,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------- restore
 
-    def restore(self, state: TrainState) -> Optional[Report]:
+    def restore(self, state: TrainState) -> Report | None:
         """Load the newest checkpoint that verifies, read from the fastest tier holding it. All ranks
         agree on the step; a checkpoint that fails verification is skipped with a warning."""
         t0 = time.perf_counter()
@@ -247,7 +247,7 @@ class CheckpointManager:
                 log.warning("cannot list %s: %s", tier, err)
         return steps
 
-    def _locate(self, step: int) -> tuple[Optional[tuple[str, str]], list[str]]:
+    def _locate(self, step: int) -> tuple[tuple[str, str] | None, list[str]]:
         """(local directory, tier name) of a verified copy of `step`, and the problems met on the way."""
         problems = []
         for tier in self.tiers:
@@ -335,7 +335,7 @@ class _Promoter:
         self.manager = manager
         self.tier = tier
         self.bytes_per_s = 0.0  # measured
-        self._pending: Optional[tuple[int, Manifest]] = None
+        self._pending: tuple[int, Manifest] | None = None
         self._cv = threading.Condition()
         self._busy = False
         self._closed = False

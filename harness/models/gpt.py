@@ -73,7 +73,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
-        if T > self.block_size:
+        if self.block_size < T:
             raise ValueError(f"sequence length {T} exceeds model block_size {self.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure; the user is invited to retry". The launch scripts
 # and systemd read it as "preempted: checkpoint saved, restart me".
@@ -24,7 +23,7 @@ class NoticeBoard:
 
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
-        self.notice: Optional[Notice] = None
+        self.notice: Notice | None = None
         self.count = 0
 
     def record(self, source: str) -> None:

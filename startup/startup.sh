@@ -1,0 +1,450 @@
+#!/usr/bin/env bash
+# What a Spot training VM runs at every boot (the GCE startup-script).
+#
+# Reads its job from instance metadata, prepares the local SSDs (RAID-0 when there are several) and,
+# on the master, the persistent disk that holds checkpoints; installs the release from the bucket;
+# writes the W&B key into a root-only env file; writes and starts one systemd unit:
+#   master, worker: spot-train.service       -> python -m harness.launch <overrides>
+#   coordinator:    spot-rendezvous.service  -> python -m harness.rendezvous --port <port>
+# Safe to run again after a reboot or on a recreated VM: nothing that exists is made twice, and a
+# persistent disk that has a filesystem is never formatted.
+#
+# Every external effect goes through curl, mdadm, mkfs.ext4, blkid, mount, mountpoint, systemctl,
+# gcloud and python3, and every file written lies under $SPOT_ROOT, so the script runs unprivileged
+# against stubs (tests, the local Spot cloud). startup/README.md lists the environment it honours.
+set -euo pipefail
+shopt -s inherit_errexit
+
+readonly ROOT=${SPOT_ROOT:-}
+readonly MD_BASE="http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1"
+readonly SSD_GLOB=${SPOT_LOCAL_SSD_GLOB:-/dev/disk/by-id/google-local-nvme-ssd-*}
+readonly DEVICE_WAIT_S=${SPOT_DEVICE_WAIT_S:-60}
+readonly UNIT_DIR="$ROOT/etc/systemd/system"
+readonly ETC_DIR="$ROOT/etc/spot"
+readonly OPT_DIR="$ROOT/opt/spot"
+readonly ENV_FILE="$ETC_DIR/spot-train.env"
+readonly MARKER_PATH_FILE="$ETC_DIR/marker-path"
+readonly RAID_DEVICE=/dev/md0
+readonly TRAIN_UNIT=spot-train.service
+readonly RDZV_UNIT=spot-rendezvous.service
+readonly PREEMPTED_EXIT=75
+# Characters a path may hold to appear unquoted in a unit file (no whitespace, quotes, $ or %).
+readonly PLAIN_PATH='[A-Za-z0-9_@+=:,./-]*'
+
+log() { printf '%(%Y-%m-%dT%H:%M:%S%z)T spot-startup: %s\n' -1 "$*" >&2; }
+die() {
+    log "ERROR: $*"
+    exit 1
+}
+
+# --- metadata -------------------------------------------------------------------------------------
+
+# metadata PATH: print the value under computeMetadata/v1/PATH; return 3 when it is absent (404).
+metadata() {
+    local out code
+    out=$(curl -sS --noproxy '*' --retry 5 --retry-connrefused --retry-delay 1 --max-time 10 \
+        -H 'Metadata-Flavor: Google' -w '\n%{http_code}' "$MD_BASE/$1") ||
+        die "metadata server unreachable: $MD_BASE/$1"
+    code=${out##*$'\n'}
+    case $code in
+    200) printf '%s' "${out%$'\n'*}" ;;
+    404) return 3 ;;
+    *) die "metadata $1: HTTP $code" ;;
+    esac
+}
+
+# attr KEY: a required instance attribute (dies naming KEY when absent or empty).
+# attr KEY DEFAULT: an optional one.
+attr() {
+    local value="" rc=0
+    value=$(metadata "instance/attributes/$1") || rc=$?
+    if ((rc != 0 && rc != 3)); then exit "$rc"; fi
+    if [[ -z $value ]]; then
+        (($# > 1)) || die "required metadata key $1 is missing (instance attribute '$1')"
+        value=$2
+    fi
+    printf '%s' "$value"
+}
+
+# check KEY VALUE REGEX WHAT: die naming KEY unless VALUE matches.
+check() {
+    [[ $2 =~ $3 ]] || die "metadata key $1='$2' is not valid: expected $4"
+}
+
+read_role() {
+    ROLE=$(attr spot-role)
+    check spot-role "$ROLE" '^(master|worker|coordinator)$' "master, worker or coordinator"
+    RDZV_ENDPOINT=$(attr spot-rdzv-endpoint)
+    check spot-rdzv-endpoint "$RDZV_ENDPOINT" '^[^[:space:]]+:[0-9]+$' "host:port"
+}
+
+# Needed to install a release, and by the trainer for its bucket tier.
+read_release() {
+    BUCKET=$(attr spot-bucket)
+    check spot-bucket "$BUCKET" '^[a-z0-9][a-z0-9._-]*$' "a bucket name (no gs://)"
+    if [[ -z ${SPOT_HARNESS_PYTHON:-} ]]; then
+        RELEASE=$(attr spot-release)
+        check spot-release "$RELEASE" '^[A-Za-z0-9._+-]+$' "a release version"
+    fi
+}
+
+read_training_job() {
+    RUN_ID=$(attr spot-run-id)
+    check spot-run-id "$RUN_ID" '^[A-Za-z0-9][A-Za-z0-9._-]*$' "letters, digits, '.', '_', '-'"
+    NNODES=$(attr spot-nnodes)
+    check spot-nnodes "$NNODES" '^[0-9]+(:[0-9]+)?$' "N or MIN:MAX"
+    NPROC=$(attr spot-nproc-per-node)
+    check spot-nproc-per-node "$NPROC" '^[0-9]+$' "a positive integer"
+    HEALTH_PORT=$(attr spot-health-port 8888)
+    check spot-health-port "$HEALTH_PORT" '^[0-9]+$' "a port number"
+    SSD_MOUNT=$(attr spot-local-ssd-mount /mnt/localssd)
+    check spot-local-ssd-mount "$SSD_MOUNT" "^/$PLAIN_PATH\$" "an absolute path of plain characters"
+    PD_MOUNT=$(attr spot-pd-mount /mnt/pd)
+    check spot-pd-mount "$PD_MOUNT" "^/$PLAIN_PATH\$" "an absolute path of plain characters"
+    PD_DEVICE=$(attr spot-pd-device /dev/disk/by-id/google-checkpoint-pd)
+    WANDB_SECRET=$(attr spot-wandb-secret "")
+    local overrides
+    overrides=$(attr spot-hydra-overrides "")
+    read -r -d '' -a USER_OVERRIDES <<<"$overrides" || true
+    RUN_DIR="$ROOT$SSD_MOUNT/runs/$RUN_ID"
+}
+
+# --- disks ----------------------------------------------------------------------------------------
+
+# has_signature DEV: 0 when blkid finds a filesystem (or any other signature) on DEV, 1 when the
+# device is blank. Any other answer stops the script: a disk whose contents are unknown is never
+# formatted.
+has_signature() {
+    local rc=0
+    blkid -p "$1" >/dev/null 2>&1 || rc=$?
+    case $rc in
+    0) return 0 ;;
+    2) return 1 ;;
+    *) die "blkid -p $1 exited $rc: contents unknown, refusing to format it" ;;
+    esac
+}
+
+make_filesystem() {
+    log "formatting $1 (ext4)"
+    mkfs.ext4 -F -q -m 0 -E lazy_itable_init=0,lazy_journal_init=0,discard "$1"
+}
+
+mount_device() {
+    log "mounting $1 at $2"
+    mount -o discard,defaults "$1" "$2"
+}
+
+wait_for_device() {
+    local waited=0
+    until [[ -e $1 ]]; do
+        ((waited < DEVICE_WAIT_S)) || die "device $1 did not appear within ${DEVICE_WAIT_S}s: is the disk attached?"
+        sleep 1
+        waited=$((waited + 1))
+    done
+}
+
+local_ssds() {
+    compgen -G "$SSD_GLOB" | sort -V || true
+}
+
+# raid_over DEV...: make RAID_DEVICE a RAID-0 over DEVs: keep it when assembled, reassemble it after
+# a reboot, create it on fresh (recreated) SSDs. After a reboot the kernel may have assembled the
+# array under another name (/dev/md127): stopping unused arrays frees the SSDs to assemble as md0.
+raid_over() {
+    command -v mdadm >/dev/null || die "$# local SSDs but no mdadm: use an image that has it"
+    if mdadm --detail "$RAID_DEVICE" >/dev/null 2>&1; then
+        log "$RAID_DEVICE is already assembled"
+        return
+    fi
+    mdadm --stop --scan >/dev/null 2>&1 || true
+    if mdadm --assemble "$RAID_DEVICE" "$@" >/dev/null 2>&1; then
+        log "reassembled $RAID_DEVICE from $*"
+    else
+        log "creating RAID-0 $RAID_DEVICE over $# local SSDs"
+        mdadm --create "$RAID_DEVICE" --level=0 --raid-devices="$#" --run "$@" </dev/null
+    fi
+}
+
+prepare_local_ssd() {
+    local target="$ROOT$SSD_MOUNT" device
+    local -a ssds
+    mkdir -p "$target"
+    if mountpoint -q "$target"; then
+        log "$target is already mounted"
+        return
+    fi
+    mapfile -t ssds < <(local_ssds)
+    case ${#ssds[@]} in
+    0)
+        log "no local SSD matches $SSD_GLOB: $target stays on the boot disk"
+        return
+        ;;
+    1) device=${ssds[0]} ;;
+    *)
+        raid_over "${ssds[@]}"
+        device=$RAID_DEVICE
+        ;;
+    esac
+    # Local SSDs come back blank on a recreated VM: format them whenever they hold nothing.
+    has_signature "$device" || make_filesystem "$device"
+    mount_device "$device" "$target"
+}
+
+prepare_persistent_disk() {
+    local target="$ROOT$PD_MOUNT"
+    mkdir -p "$target"
+    if mountpoint -q "$target"; then
+        log "$target is already mounted"
+        return
+    fi
+    wait_for_device "$PD_DEVICE"
+    if has_signature "$PD_DEVICE"; then
+        log "$PD_DEVICE has a filesystem: keeping it (it holds checkpoints)"
+    else
+        log "$PD_DEVICE is blank: first use"
+        make_filesystem "$PD_DEVICE"
+    fi
+    mount_device "$PD_DEVICE" "$target"
+}
+
+# --- release --------------------------------------------------------------------------------------
+
+# Sets HARNESS_PYTHON: SPOT_HARNESS_PYTHON as given, or the venv the release is installed into.
+install_release() {
+    if [[ -n ${SPOT_HARNESS_PYTHON:-} ]]; then
+        HARNESS_PYTHON=$SPOT_HARNESS_PYTHON
+        [[ $HARNESS_PYTHON == /* ]] || HARNESS_PYTHON=$(command -v "$HARNESS_PYTHON") ||
+            die "SPOT_HARNESS_PYTHON=$SPOT_HARNESS_PYTHON is not an absolute path nor on PATH"
+        log "SPOT_HARNESS_PYTHON set: using $HARNESS_PYTHON, not installing a release"
+        return
+    fi
+    local release_dir="$OPT_DIR/releases/$RELEASE" venv="$OPT_DIR/venv"
+    HARNESS_PYTHON="$venv/bin/python"
+    if [[ -f $release_dir/.installed && -x $HARNESS_PYTHON ]]; then
+        log "release $RELEASE is already installed"
+    else
+        download_release "$release_dir"
+        install_wheel "$release_dir" "$venv"
+        touch "$release_dir/.installed"
+    fi
+    ln -sfn "$release_dir/conf" "$OPT_DIR/conf"
+}
+
+download_release() {
+    log "downloading gs://$BUCKET/releases/$RELEASE"
+    mkdir -p "$1"
+    gcloud storage cp --recursive "gs://$BUCKET/releases/$RELEASE/*" "$1/"
+    [[ -d $1/conf ]] || die "gs://$BUCKET/releases/$RELEASE has no conf/ folder"
+}
+
+# install_wheel RELEASE_DIR VENV. The venv sees the image's packages (the GPU build of torch).
+install_wheel() {
+    local -a wheels
+    mapfile -t wheels < <(compgen -G "$1/spot_harness-*-py3-none-any.whl" || true)
+    ((${#wheels[@]} == 1)) || die "expected one spot_harness wheel in gs://$BUCKET/releases/$RELEASE, found ${#wheels[@]}"
+    [[ -x $2/bin/python ]] || python3 -m venv --system-site-packages "$2"
+    local -a pip=("$2/bin/python" -m pip install --quiet --disable-pip-version-check --no-input)
+    if [[ -f $1/requirements.txt ]]; then
+        "${pip[@]}" -r "$1/requirements.txt"
+    fi
+    # A new release may carry the same package version: reinstall the wheel every time.
+    "${pip[@]}" --force-reinstall --no-deps "${wheels[0]}"
+    log "installed ${wheels[0]##*/} into $2"
+}
+
+# --- W&B key --------------------------------------------------------------------------------------
+
+# The env file the training unit reads: root only, rewritten at every boot (the secret may rotate).
+write_env_file() {
+    local key="" tmp
+    if [[ -n $WANDB_SECRET ]]; then
+        key=$(gcloud secrets versions access latest --secret="$WANDB_SECRET") ||
+            die "cannot read secret $WANDB_SECRET (does the VM's service account have secretAccessor on it?)"
+        [[ $key =~ ^[A-Za-z0-9._:-]+$ ]] ||
+            die "secret $WANDB_SECRET does not look like a W&B API key (value not shown)"
+    fi
+    mkdir -p "$ETC_DIR"
+    chmod 700 "$ETC_DIR"
+    tmp=$(mktemp "$ETC_DIR/.spot-train.env.XXXXXX")
+    chmod 600 "$tmp"
+    {
+        printf '# Written by startup.sh at every boot.\n'
+        if [[ -n $key ]]; then printf 'WANDB_API_KEY=%s\n' "$key"; fi
+    } >"$tmp"
+    mv -f "$tmp" "$ENV_FILE"
+    log "wrote $ENV_FILE${WANDB_SECRET:+ (W&B key from secret $WANDB_SECRET)}"
+}
+
+# --- systemd units --------------------------------------------------------------------------------
+
+# exec_arg ARG: ARG as one token of an ExecStart line. `$` and `%` are doubled (systemd would expand
+# them); a token with other characters than the plain ones is double-quoted, with \ and " escaped.
+exec_arg() {
+    local a=${1//\$/\$\$}
+    a=${a//%/%%}
+    if [[ $a =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+        printf '%s' "$a"
+    else
+        a=${a//\\/\\\\}
+        printf '"%s"' "${a//\"/\\\"}"
+    fi
+}
+
+exec_line() {
+    local out="ExecStart=" arg
+    for arg in "$@"; do
+        [[ $arg != *$'\n'* ]] || die "an argument holds a newline: $arg"
+        out+="$(exec_arg "$arg") "
+    done
+    printf '%s' "${out% }"
+}
+
+# The tiers after the local SSD: the persistent disk on the master, then the bucket.
+checkpoint_overrides() {
+    local tiers=""
+    if [[ $ROLE == master ]]; then
+        tiers+="{name:pd,url:'$ROOT$PD_MOUNT/checkpoints/$RUN_ID'},"
+    fi
+    tiers+="{name:gcs,url:'gs://$BUCKET/runs/$RUN_ID/checkpoints'}"
+    printf '%s\n' \
+        "checkpoint.store=$RUN_DIR/checkpoints" \
+        "checkpoint.ephemeral=true" \
+        "checkpoint.slower_tiers=[$tiers]"
+}
+
+train_unit() {
+    local -a overrides argv
+    local exec_start
+    mapfile -t overrides < <(checkpoint_overrides)
+    argv=("$HARNESS_PYTHON" -m harness.launch
+        "run.name=$RUN_ID" "run.dir=$RUN_DIR" "${overrides[@]}"
+        "launch.nnodes=$NNODES" "launch.nproc_per_node=$NPROC" "launch.rdzv_endpoint=$RDZV_ENDPOINT"
+        launch.standalone=false "health.port=$HEALTH_PORT" "${USER_OVERRIDES[@]}")
+    exec_start=$(exec_line "${argv[@]}")
+    cat <<EOF
+# Written by startup.sh; rewritten only when the job in the metadata changes.
+[Unit]
+Description=Spot training job $RUN_ID ($ROLE)
+Wants=network-online.target
+After=network-online.target
+# Stopped after the shutdown script has signalled it and waited for its emergency checkpoint.
+Before=google-shutdown-scripts.service
+
+[Service]
+Type=simple
+WorkingDirectory=$OPT_DIR
+EnvironmentFile=$ENV_FILE
+$(service_environment)
+$exec_start
+# $PREEMPTED_EXIT = preempted, emergency checkpoint saved: a clean stop, never restarted on this VM.
+SuccessExitStatus=$PREEMPTED_EXIT
+RestartPreventExitStatus=$PREEMPTED_EXIT
+Restart=on-failure
+RestartSec=10
+KillMode=control-group
+KillSignal=SIGTERM
+# Inside the 30 s between a Spot VM's ACPI soft-off and its hard stop.
+TimeoutStopSec=28
+EOF
+}
+
+rendezvous_unit() {
+    local exec_start
+    exec_start=$(exec_line "$HARNESS_PYTHON" -m harness.rendezvous --port "${RDZV_ENDPOINT##*:}")
+    cat <<EOF
+# Written by startup.sh; rewritten only when the job in the metadata changes.
+[Unit]
+Description=Spot rendezvous store on port ${RDZV_ENDPOINT##*:}
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+WorkingDirectory=$OPT_DIR
+$(service_environment)
+$exec_start
+Restart=always
+RestartSec=2
+KillSignal=SIGTERM
+TimeoutStopSec=10
+EOF
+}
+
+# With an installed release, SPOT_CONF_DIR names its Hydra config tree.
+service_environment() {
+    printf 'Environment=PYTHONUNBUFFERED=1\n'
+    if [[ -z ${SPOT_HARNESS_PYTHON:-} ]]; then printf 'Environment=SPOT_CONF_DIR=%s\n' "$OPT_DIR/conf"; fi
+}
+
+# install_unit NAME CONTENT: write the unit only when it differs; sets UNITS_CHANGED.
+install_unit() {
+    local path="$UNIT_DIR/$1"
+    mkdir -p "$UNIT_DIR"
+    if [[ -f $path && "$(<"$path")" == "$2" ]]; then
+        log "$1 is unchanged"
+        return
+    fi
+    printf '%s\n' "$2" >"$path.tmp"
+    mv -f "$path.tmp" "$path"
+    UNITS_CHANGED=1
+    log "wrote $path"
+}
+
+# start_unit NAME: not enabled at boot on purpose: this script runs at every boot and must mount the
+# disks first, then start it. Starting a running unit does nothing.
+start_unit() {
+    if [[ -n ${UNITS_CHANGED:-} ]]; then systemctl daemon-reload; fi
+    systemctl start "$1"
+    log "started $1"
+}
+
+# --- roles ----------------------------------------------------------------------------------------
+
+run_coordinator() {
+    local unit
+    if [[ -z ${SPOT_HARNESS_PYTHON:-} ]]; then read_release; fi
+    install_release
+    mkdir -p "$OPT_DIR"
+    unit=$(rendezvous_unit)
+    install_unit "$RDZV_UNIT" "$unit"
+    start_unit "$RDZV_UNIT"
+}
+
+run_trainer() {
+    local unit marker
+    read_training_job
+    read_release
+    prepare_local_ssd
+    if [[ $ROLE == master ]]; then prepare_persistent_disk; fi
+    install_release
+    write_env_file
+    mkdir -p "$OPT_DIR"
+    # shutdown.sh waits for this file after signalling the trainer.
+    marker=$(marker_path)
+    printf '%s\n' "$marker" >"$MARKER_PATH_FILE"
+    unit=$(train_unit)
+    install_unit "$TRAIN_UNIT" "$unit"
+    start_unit "$TRAIN_UNIT"
+}
+
+# The trainer's PREEMPTED marker: ${run.dir}/PREEMPTED, with the last run.dir the overrides give
+# (a relative one is relative to the unit's WorkingDirectory).
+marker_path() {
+    local dir=$RUN_DIR override
+    for override in "${USER_OVERRIDES[@]}"; do
+        if [[ $override == run.dir=* ]]; then dir=${override#run.dir=}; fi
+    done
+    [[ $dir == /* ]] || dir="$OPT_DIR/$dir"
+    printf '%s/PREEMPTED' "$dir"
+}
+
+main() {
+    log "starting (SPOT_ROOT='$ROOT', metadata $MD_BASE)"
+    [[ $ROOT =~ ^$PLAIN_PATH$ ]] || die "SPOT_ROOT='$ROOT' must be a path of plain characters (no spaces, quotes, \$ or %)"
+    read_role
+    log "role: $ROLE"
+    if [[ $ROLE == coordinator ]]; then run_coordinator; else run_trainer; fi
+    log "done"
+}
+
+main "$@"

@@ -1,0 +1,174 @@
+"""A fake GCE metadata server and a stubbed VM for running startup/*.sh as an ordinary process.
+
+The scripts run for real: bash, curl against the fake server, files written under a temp SPOT_ROOT.
+Only the commands with effects on the machine are stubs (tests/startup/stubs, first on PATH); each
+appends its argv to a log, and mdadm/mkfs/mount keep just enough state (tests/startup/stubs) for a
+second run to see what the first one did.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_SH = REPO / "startup" / "startup.sh"
+SHUTDOWN_SH = REPO / "startup" / "shutdown.sh"
+STUBS = Path(__file__).resolve().parent / "stubs"
+
+
+class FakeMetadata:
+    """computeMetadata/v1 on a loopback port: instance attributes and instance/preempted.
+
+    A request without `Metadata-Flavor: Google` gets 403, an unknown path 404, as on GCE.
+    """
+
+    def __init__(self) -> None:
+        self.attributes: dict[str, str] = {}
+        self.preempted = "FALSE"
+        self.requests: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                fake.requests.append(self.path)
+                if self.headers.get("Metadata-Flavor") != "Google":
+                    self._answer(403, "Missing Metadata-Flavor:Google header.")
+                    return
+                path = self.path.split("?", 1)[0]
+                prefix = "/computeMetadata/v1/instance/"
+                key = path[len(prefix) :] if path.startswith(prefix) else None
+                if key == "preempted":
+                    self._answer(200, fake.preempted)
+                elif key and key.startswith("attributes/") and key[len("attributes/") :] in fake.attributes:
+                    self._answer(200, fake.attributes[key[len("attributes/") :]])
+                else:
+                    self._answer(404, "not found")
+
+            def _answer(self, code: int, body: str) -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Metadata-Flavor", "Google")
+                self.send_header("Content-Type", "application/text")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def parse_exec_start(value: str) -> list[str]:
+    """argv from the value of an ExecStart= line that startup.sh wrote (the format in startup/README.md)."""
+    return [token.replace("$$", "$").replace("%%", "%") for token in shlex.split(value)]
+
+
+@dataclass
+class Vm:
+    """One fake VM: its SPOT_ROOT, devices, stub state and metadata."""
+
+    tmp: Path
+    metadata: FakeMetadata
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = self.tmp / "root"
+        self.dev = self.tmp / "dev"
+        self.state = self.tmp / "stub-state"
+        self.log = self.tmp / "stub.log"
+        for folder in (self.root, self.dev, self.state):
+            folder.mkdir()
+        self.pd_device = self.dev / "google-checkpoint-pd"
+        self.pd_device.touch()
+        self.metadata.attributes.update(
+            {
+                "spot-role": "master",
+                "spot-bucket": "spot-bkt",
+                "spot-release": "v7",
+                "spot-run-id": "run-42",
+                "spot-rdzv-endpoint": "10.0.0.2:29400",
+                "spot-nnodes": "1:4",
+                "spot-nproc-per-node": "8",
+                "spot-hydra-overrides": "train.max_steps=1000 model.n_layer=12",
+                "spot-wandb-secret": "wandb-key",
+                "spot-pd-device": str(self.pd_device),
+            }
+        )
+
+    def add_ssds(self, count: int) -> list[str]:
+        paths = [self.dev / f"google-local-nvme-ssd-{i}" for i in range(count)]
+        for path in paths:
+            path.touch()
+        return [str(p) for p in paths]
+
+    def has_filesystem(self, device: str | Path) -> None:
+        (self.state / ("fs" + str(device).replace("/", "_"))).touch()
+
+    def blkid_answers(self, device: str | Path, rc: int) -> None:
+        (self.state / ("blkid-rc" + str(device).replace("/", "_"))).write_text(str(rc))
+
+    def reboot(self) -> None:
+        """Mounts and assembled arrays go; filesystems, RAID superblocks and the boot disk stay."""
+        (self.state / "mounts").unlink(missing_ok=True)
+        for path in self.state.glob("assembled*"):
+            path.unlink()
+
+    def base_env(self, **extra: str) -> dict[str, str]:
+        env = {
+            "PATH": f"{STUBS}:{os.environ['PATH']}",
+            "HOME": str(self.tmp),
+            "LANG": "C.UTF-8",
+            "SPOT_ROOT": str(self.root),
+            "GCE_METADATA_HOST": self.metadata.host,
+            "SPOT_LOCAL_SSD_GLOB": str(self.dev / "google-local-nvme-ssd-*"),
+            "SPOT_DEVICE_WAIT_S": "2",
+            "STUB_LOG": str(self.log),
+            "STUB_STATE": str(self.state),
+        }
+        env.update(self.env)
+        env.update(extra)
+        return env
+
+    def run(self, script: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(script)], env=self.base_env(**extra), capture_output=True, text=True, timeout=60
+        )
+
+    def startup(self, **extra: str) -> subprocess.CompletedProcess[str]:
+        return self.run(STARTUP_SH, **extra)
+
+    def calls(self, name: str | None = None) -> list[list[str]]:
+        """The stub calls so far, each as [command, args...], optionally only those of one command."""
+        if not self.log.exists():
+            return []
+        lines = [shlex.split(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return [c for c in lines if name is None or c[0] == name]
+
+    def clear_calls(self) -> None:
+        self.log.unlink(missing_ok=True)
+
+    def path(self, absolute: str) -> Path:
+        """A real path under this VM's SPOT_ROOT."""
+        return self.root / absolute.lstrip("/")
+
+    def unit(self, name: str = "spot-train.service") -> str:
+        return self.path(f"/etc/systemd/system/{name}").read_text()
+
+    def exec_start(self, name: str = "spot-train.service") -> list[str]:
+        lines = [line for line in self.unit(name).splitlines() if line.startswith("ExecStart=")]
+        assert len(lines) == 1, lines
+        return parse_exec_start(lines[0][len("ExecStart=") :])
