@@ -100,6 +100,7 @@ class CheckpointConfig:
     staging_dir: str = "${run.dir}/staging"  # local directory the writer fills when store is remote
     scratch_dir: str = "${run.dir}/restore"  # where a remote checkpoint is downloaded to restore
     write_threads: int = 4
+    remote_retry_s: float = 120.0  # how long transient errors of a remote tier (GCS) are retried
     mtbi_s: float = 3600.0  # expected mean time between interruptions, for interval_steps=auto
 
 

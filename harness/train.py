@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from harness import config, distributed
-from harness.checkpoint import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, StoreError
+from harness.checkpoint import CheckpointManager, CheckpointMismatch, CommitConflict, NoUsableCheckpoint, StoreError
 from harness.data import make_batch, rank_indices
 from harness.optim import build_optimizer, lr_at, set_lr
 from harness.preemption import PREEMPTED_EXIT_CODE, NoticeBoard
@@ -187,6 +187,8 @@ def loop(cfg, d, model, optimizer, dataset, state: TrainState, ckpt: CheckpointM
             if not report.ok:
                 log.warning("checkpoint %s of step %d on %s failed: %s", report.kind, report.step, report.tier,
                             report.detail)
+        if ckpt.conflict:  # a newer incarnation owns the store: this one is stale and must not go on
+            raise ckpt.conflict
     display.close()
     return 0
 
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(cfg)
-    except (config.ConfigError, StoreError, CheckpointMismatch, NoUsableCheckpoint) as err:
+    except (config.ConfigError, StoreError, CheckpointMismatch, NoUsableCheckpoint, CommitConflict) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from harness.checkpoint.manifest import CorruptCheckpoint, FileEntry, Manifest, file_entry
 from harness.checkpoint.snapshot import Snapshotter
-from harness.checkpoint.store import LocalStore, StoreError
+from harness.checkpoint.store import CommitConflict, LocalStore, StoreError
 from harness.checkpoint.tiers import Tier, build_tiers
 from harness.distributed import Dist, all_gather_object, broadcast_object
 from harness.state import TrainState
@@ -76,11 +76,11 @@ class CheckpointManager:
         self.reports: queue.Queue[Report] = queue.Queue()
         self.counters = {"saves": 0, "skipped": 0, "waited": 0, "failed": 0, "promote_skipped": 0}
         self.last_committed: int | None = None
+        self.conflict: CommitConflict | None = None  # another writer owns the store: this one must stop
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         self._inflight: Future | None = None
         self._promoters = [_Promoter(self, t) for t in self.tiers[1:]] if d.is_node_leader else []
         self._pinned: set[int] = set()  # steps a promoter is copying: retention leaves them alone
-        self._lock = threading.Lock()
         if d.is_node_leader:
             for tier in self.tiers:
                 self._cleanup_uncommitted(tier)
@@ -152,6 +152,11 @@ class CheckpointManager:
             if self.dist.is_node_leader:
                 self.first.commit(attempt_dir, manifest)
                 self._retain(self.tiers[0])
+        except CommitConflict as err:
+            self.conflict = err
+            log.error("%s", err)
+            self.reports.put(Report("commit", step, self.tiers[0].name, ok=False, detail=str(err)))
+            return
         except Exception as err:  # noqa: BLE001 - a failed save must not kill training
             self.counters["failed"] += 1
             log.error("checkpoint of step %d failed in %s: %s", step, self.tiers[0], err)
@@ -371,7 +376,15 @@ class _Promoter:
         try:
             if step not in self.tier.store.committed_steps():
                 self.tier.store.put_committed(step, self.manager.first.step_dir(step), manifest)
+            elif (theirs := self.tier.store.read_manifest(step).attempt) != manifest.attempt:
+                raise CommitConflict(f"checkpoint store {self.tier.store.url!r}: step {step} was already committed "
+                                     f"by another writer (attempt {theirs}); ours ({manifest.attempt}) is abandoned")
             self.manager._retain(self.tier)
+        except CommitConflict as err:
+            self.manager.conflict = err
+            log.error("%s", err)
+            self.manager.reports.put(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
+            return False
         except Exception as err:  # noqa: BLE001 - a slow tier's outage must not stop training
             self.manager.counters["failed"] += 1
             log.error("copy of step %d to %s failed: %s", step, self.tier, err)

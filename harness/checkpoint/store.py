@@ -172,14 +172,15 @@ class LocalStore(Store):
         return removed
 
 
-def open_store(url: str) -> Store:
-    """A store for a URL: gs://bucket/prefix or a local path. Malformed URLs fail naming the URL."""
+def open_store(url: str, retry_deadline_s: float = 120.0) -> Store:
+    """A store for a URL: gs://bucket/prefix or a local path. Malformed URLs fail naming the URL.
+    `retry_deadline_s` bounds the retries of transient errors of a remote store."""
     if "://" in url:
         scheme = url.split("://", 1)[0]
         if scheme == "gs":
             from harness.checkpoint.gcs import GCSStore
 
-            return GCSStore(url)
+            return GCSStore(url, retry_deadline_s=retry_deadline_s)
         if scheme == "file":
             return LocalStore(url[len("file://") :])
         raise StoreError(f"checkpoint store {url!r}: unsupported scheme {scheme!r}; use a local path or gs://bucket/prefix")

@@ -24,7 +24,8 @@ class Tier:
 def build_tiers(cfg) -> list[Tier]:
     """Tiers from `checkpoint.*`: the store (local, or gs:// staged through a local directory), then
     `checkpoint.slower_tiers` in order."""
-    first = open_store(cfg.store)
+    retry_s = cfg.remote_retry_s
+    first = open_store(cfg.store, retry_s)
     tiers: list[Tier] = []
     if first.is_local:
         tiers.append(Tier("local", first, keep=cfg.keep, ephemeral=cfg.ephemeral))
@@ -32,7 +33,7 @@ def build_tiers(cfg) -> list[Tier]:
         tiers.append(Tier("staging", LocalStore(cfg.staging_dir), keep=1, ephemeral=True))
         tiers.append(Tier(_scheme(cfg.store), first, keep=cfg.keep))
     for i, extra in enumerate(cfg.slower_tiers):
-        store = open_store(extra.url)
+        store = open_store(extra.url, retry_s)
         name = extra.get("name") or f"{_scheme(extra.url)}{i}"
         tiers.append(
             Tier(name, store, keep=extra.keep, every=extra.every, every_seconds=extra.every_seconds,
