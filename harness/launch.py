@@ -23,6 +23,10 @@ from harness.preemption import PREEMPTED_EXIT_CODE
 
 MARKER = "PREEMPTED"
 
+# torchrun reuses one TCP store across rendezvous rounds, so after a restart a worker can read a dead
+# peer's address and gloo/NCCL fail to connect (pytorch/pytorch#167288). A store per round avoids it.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+
 
 def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
     launch = cfg.launch
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     marker = Path(cfg.run.dir) / MARKER
     cmd = torchrun_command(cfg, overrides)
     print("launch:", " ".join(cmd), flush=True)
-    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    env = {**TORCHRUN_ENV, **os.environ}
     proc = subprocess.Popen(cmd, env=env)
     forward = lambda signum, _frame: proc.send_signal(signum)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -60,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     code = proc.wait()
     if code != 0 and marker.exists():
         return PREEMPTED_EXIT_CODE
-    if code == 0:
-        summary = Path(cfg.run.dir) / "summary.json"
-        print(f"run dir: {cfg.run.dir}\n  summary: {summary}\n  checkpoints: {cfg.checkpoint.store}\n"
-              f"  wandb: {cfg.wandb.dir}/wandb ({cfg.wandb.mode})", flush=True)
-    return code
+    if code != 0:
+        print(f"training failed with exit code {code} after at most launch.max_restarts="
+              f"{cfg.launch.max_restarts} restarts; the root cause is in torchrun's report above", file=sys.stderr)
+        return code
+    summary = Path(cfg.run.dir) / "summary.json"
+    print(f"run dir: {cfg.run.dir}\n  summary: {summary}\n  checkpoints: {cfg.checkpoint.store}\n"
+          f"  wandb: {cfg.wandb.dir}/wandb ({cfg.wandb.mode})", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

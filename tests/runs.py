@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness.launch import TORCHRUN_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Small and fast, but with enough state that a checkpoint write takes measurable time.
@@ -25,7 +27,7 @@ def free_port() -> int:
 
 
 def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    e = {**os.environ, **TORCHRUN_ENV, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     e.update(extra)
     return e
 

@@ -1,6 +1,9 @@
 """A user's own model, reachable by `model._target_=tests.user_model.BigramMLP`: it only honours the
 model contract (token ids (B, T) -> logits (B, T, vocab_size)); unknown knobs arrive as kwargs."""
 
+import os
+import time
+
 import torch
 import torch.nn as nn
 
@@ -13,3 +16,12 @@ class BigramMLP(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.out(self.embed(idx))
+
+
+class StallingBigram(BigramMLP):
+    """Stalls every forward pass while the file named by $STALL_FILE exists: a hung job, for real."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        while os.environ.get("STALL_FILE") and os.path.exists(os.environ["STALL_FILE"]):
+            time.sleep(0.05)
+        return super().forward(idx)
