@@ -1,0 +1,16 @@
+"""Ledger event kinds: one name per thing that happens to a job, shared by the writers (the train loop,
+through `Telemetry`) and the reader (`goodput.breakdown`)."""
+
+JOB_START = "job_start"  # first incarnation only: wandb_run_id, prices, config digest
+PROCESS_START = "process_start"  # t is the process's own start time: pid, world_size
+RENDEZVOUS_DONE = "rendezvous_done"
+RESTORE_START = "restore_start"
+RESTORE_END = "restore_end"  # step restored
+STEPS = "steps"  # a range of completed steps: first, last, seconds (step time spent on them)
+CKPT_BLOCK = "ckpt_block"  # training blocked by a periodic checkpoint: step, seconds (ends at t)
+PREEMPTION_NOTICE = "preemption_notice"  # source, step
+EMERGENCY_SAVE = "emergency_save"  # step, seconds (ends at t), tier
+EXIT = "exit"  # code
+HEARTBEAT = "heartbeat"  # written by an idle flush, so a live but quiet process does not look dead
+TELEMETRY_ERROR = "telemetry_error"  # sink, error, count
+INTERVAL_CHANGE = "interval_change"  # interval_steps, previous, blocking_s, step_time_s, mtbi_s

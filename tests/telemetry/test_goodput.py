@@ -1,0 +1,119 @@
+"""Goodput from a realistic two-incarnation ledger, against a breakdown computed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.goodput import find_ledger, main
+from harness.telemetry import events as ev
+from harness.telemetry.goodput import CATEGORIES, breakdown
+
+T0 = 1_000_000.0
+
+
+def e(t: float, kind: str, inc: str, rank: int = 0, node: str = "vm-a", **fields) -> dict:
+    return {"t": T0 + t, "kind": kind, "incarnation": inc, "rank": rank, "node": node, **fields}
+
+
+def two_incarnations() -> list[dict]:
+    """Incarnation A trains to step 25, is preempted, and its emergency save (to the local SSD) dies
+    with the VM; B restores the step-20 checkpoint from the durable tier and trains to step 40. A rank
+    on a second node outlives A's rank 0 by one second; its own step events must not count."""
+    a, b, w = "A", "B", "A-worker"
+    return [
+        e(0, ev.PROCESS_START, a), e(0, ev.JOB_START, a, wandb_run_id="run1", hourly_usd=36.0,
+                                     on_demand_hourly_usd=72.0),
+        e(1, ev.PROCESS_START, w, rank=1, node="vm-b"),
+        e(10, ev.RENDEZVOUS_DONE, a),
+        e(35, ev.STEPS, a, first=1, last=10, seconds=20.0),  # steps [15, 35]: startup 0-15
+        e(37, ev.CKPT_BLOCK, a, step=10, seconds=2.0),
+        e(60, ev.STEPS, a, first=11, last=20, seconds=20.0),  # [40, 60]; 37-40 other
+        e(60, ev.STEPS, w, rank=1, node="vm-b", first=1, last=20, seconds=45.0),  # ignored: rank 1
+        e(62, ev.CKPT_BLOCK, a, step=20, seconds=2.0),
+        e(75, ev.STEPS, a, first=21, last=25, seconds=10.0),  # [65, 75], recomputed later: lost
+        e(76, ev.PREEMPTION_NOTICE, a, source="SIGTERM", step=25),
+        e(76, ev.PREEMPTION_NOTICE, w, rank=1, node="vm-b", source="metadata"),
+        e(80, ev.EMERGENCY_SAVE, a, step=25, seconds=3.0, tier="local"),  # [77, 80]
+        e(81, ev.EXIT, a, code=75),
+        e(82, ev.EXIT, w, rank=1, node="vm-b", code=75),
+        # 82-200: nothing of the job alive (VM recreated)
+        e(200, ev.PROCESS_START, b),
+        e(210, ev.RENDEZVOUS_DONE, b),
+        e(212, ev.RESTORE_START, b),
+        e(222, ev.RESTORE_END, b, step=20),
+        e(245, ev.STEPS, b, first=21, last=30, seconds=20.0),  # [225, 245]
+        e(247, ev.CKPT_BLOCK, b, step=30, seconds=2.0),
+        e(270, ev.STEPS, b, first=31, last=40, seconds=20.0),  # [250, 270]
+        e(272, ev.CKPT_BLOCK, b, step=40, seconds=2.0),
+        e(273, ev.EXIT, b, code=0),
+    ]
+
+
+EXPECTED = {
+    "productive": 20 + 20 + 20 + 20,
+    "lost": 10,
+    "checkpoint": 2 + 2 + 3 + 2 + 2,
+    "restore": 10,
+    "startup": 15 + (12 + 3),  # A: 0-15; B: 200-212 and 222-225
+    "downtime": 200 - 82,
+    "other": (3 + 3 + 2 + 1 + 1) + (3 + 1),  # A: 37-40, 62-65, 75-77, 80-81, worker 81-82; B: 247-250, 272-273
+}
+
+
+def test_breakdown_matches_hand_computation():
+    b = breakdown(two_incarnations())
+    assert b.total_s == pytest.approx(273)
+    assert sum(EXPECTED.values()) == 273
+    assert b.seconds == pytest.approx(EXPECTED)
+    assert b.goodput == pytest.approx(80 / 273)
+    assert (b.preemptions, b.restarts, b.last_step) == (1, 1, 40)
+    assert (b.productive_steps, b.lost_steps) == (40, 5)
+    assert b.running_s == pytest.approx(273 - 118)
+    assert b.job_info["wandb_run_id"] == "run1"
+    assert [life.exit_code for life in b.lives] == [75, 75, 0]
+    m = b.metrics()
+    assert m["badput/downtime"] == pytest.approx(118 / 273)
+    assert set(CATEGORIES) == {k.split("/")[1] for k in m if k.startswith("seconds/")}
+
+
+def test_breakdown_is_order_independent_and_segments_tile_the_job():
+    events = two_incarnations()
+    b = breakdown(list(reversed(events)))
+    assert b.seconds == pytest.approx(EXPECTED)
+    assert b.segments[0].start == b.start and b.segments[-1].end == b.end
+    assert all(x.end == y.start for x, y in zip(b.segments, b.segments[1:], strict=False))
+    assert [s.category for s in b.segments[:3]] == ["startup", "productive", "checkpoint"]
+
+
+def test_partially_recomputed_batch_loses_only_its_recomputed_tail():
+    events = [e(0, ev.PROCESS_START, "A"), e(100, ev.STEPS, "A", first=1, last=10, seconds=100.0),
+              e(101, ev.EXIT, "A", code=75),
+              e(200, ev.PROCESS_START, "B"), e(240, ev.STEPS, "B", first=9, last=12, seconds=40.0)]
+    b = breakdown(events)
+    assert b.seconds["lost"] == pytest.approx(20.0)  # steps 9 and 10 of A's batch
+    assert b.seconds["productive"] == pytest.approx(80.0 + 40.0)
+    assert b.seconds["startup"] == pytest.approx(200.0 - 200.0 + 0.0)  # B's first step starts at 200
+    assert (b.productive_steps, b.lost_steps) == (12, 2)
+
+
+def test_empty_ledger():
+    b = breakdown([])
+    assert b.total_s == 0 and b.goodput == 0.0
+
+
+def test_cli_prints_table_and_writes_timeline(tmp_path, capsys):
+    ledger = tmp_path / "run" / "checkpoints" / "ledger"
+    ledger.mkdir(parents=True)
+    for inc in ("A", "A-worker", "B"):
+        lines = [json.dumps(x) for x in two_incarnations() if x["incarnation"] == inc]
+        (ledger / f"{inc}.jsonl").write_text("\n".join(lines) + "\n")
+    assert find_ledger(str(tmp_path / "run"))[0] == str(ledger)
+    assert main([str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "goodput 29.3%" in out and "downtime" in out and "savings ($)" in out
+    png = tmp_path / "run" / "goodput_timeline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in out.replace("\n", "")
+    assert main([str(tmp_path / "nothing")]) == 2
