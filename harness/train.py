@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -22,20 +23,26 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from harness import config, distributed
 from harness.checkpoint import CheckpointManager, CheckpointMismatch, CommitConflict, NoUsableCheckpoint, StoreError
 from harness.data import make_batch, rank_indices
+from harness.goodput import report as goodput_table
 from harness.optim import build_optimizer, lr_at, set_lr
 from harness.preemption import PREEMPTED_EXIT_CODE, NoticeBoard
 from harness.preemption.health import Health, serve
 from harness.preemption.metadata import MetadataWatcher
 from harness.progress import ProgressDisplay
 from harness.state import TrainState, model_sha256, seed_everything, unwrap
+from harness.telemetry import Telemetry
+from harness.telemetry import events as ev
+from harness.telemetry.interval import AdaptiveInterval
 
 log = logging.getLogger("harness")
 MARKER = "PREEMPTED"
+AUTO_INITIAL_INTERVAL = 50  # checkpoint.interval_steps=auto starts here, then follows Young/Daly
 
 
 @dataclass
@@ -119,38 +126,51 @@ def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d,
     return loss_sum / plan.grad_accum
 
 
+@dataclass
+class Job:
+    """What the loop works with: the pieces built once per process."""
+
+    cfg: DictConfig
+    dist: distributed.Dist
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dataset: object
+    state: TrainState
+    ckpt: CheckpointManager
+    notices: NoticeBoard
+    health: Health
+    tel: Telemetry
+
+
 def run(cfg: DictConfig) -> int:
     started = time.time()
     d = distributed.init(cfg.train.device)
-    run_dir = Path(cfg.run.dir)
     notices = NoticeBoard(cfg.preemption.deadline_s)
     notices.install_signal_handlers(list(cfg.preemption.signals))
     watcher = MetadataWatcher(notices.record).start() if cfg.preemption.metadata_watch else None
     health = Health(cfg.health.stall_s)
     server = serve(health, cfg.health.port) if cfg.health.enabled and d.is_node_leader else None
+    tel, code = None, 1
     try:
         seed_everything(cfg.seed, d.rank)
         dataset, model, optimizer = build(cfg, d)
-        state = TrainState(model, optimizer, d.rank)
         ckpt = CheckpointManager(cfg.checkpoint, d)
-        health.set_phase("restoring")
-        restored = ckpt.restore(state)
-        if restored:
-            state.progress.restarts += 1
-            log.info("resumed from step %d (%s tier, %.2fs)", restored.step, restored.tier, restored.seconds)
-        if d.world_size not in state.progress.world_sizes:
-            state.progress.world_sizes.append(d.world_size)
-        if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / MARKER).unlink(missing_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        code = loop(cfg, d, model, optimizer, dataset, state, ckpt, notices, health)
+        tel = Telemetry.start(cfg, rank=d.rank, local_rank=d.local_rank, world_size=d.world_size,
+                              node=f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', 0)}",
+                              ledger_location=f"{ckpt.tiers[-1].store.url}/ledger")
+        tel.event(ev.RENDEZVOUS_DONE, world_size=d.world_size)
+        job = Job(cfg, d, model, optimizer, dataset, TrainState(model, optimizer, d.rank), ckpt, notices, health,
+                  tel)
+        restore(job)
+        code = loop(job)
         health.set_phase("preempted" if code == PREEMPTED_EXIT_CODE else "finished")
         ckpt.close()
         if d.is_main and code == 0:
-            write_summary(run_dir, state, started)
+            finish(job, started)
         return code
     finally:
+        if tel:
+            tel.close(code)
         if watcher:
             watcher.stop()
         if server:
@@ -158,37 +178,70 @@ def run(cfg: DictConfig) -> int:
         distributed.shutdown(d)
 
 
-def loop(cfg, d, model, optimizer, dataset, state: TrainState, ckpt: CheckpointManager, notices: NoticeBoard,
-         health: Health) -> int:
+def restore(job: Job) -> None:
+    """Resume from the newest verified checkpoint, if any; clear the previous incarnation's marker."""
+    job.health.set_phase("restoring")
+    job.tel.event(ev.RESTORE_START)
+    restored = job.ckpt.restore(job.state)
+    progress = job.state.progress
+    job.tel.event(ev.RESTORE_END, step=progress.step, tier=restored.tier if restored else None)
+    if restored:
+        progress.restarts += 1
+        log.info("resumed from step %d (%s tier, %.2fs)", restored.step, restored.tier, restored.seconds)
+    if job.dist.world_size not in progress.world_sizes:
+        progress.world_sizes.append(job.dist.world_size)
+    progress.wandb_run_id = progress.wandb_run_id or (job.tel.run_id or "")
+    if job.dist.is_main:
+        run_dir = Path(job.cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / MARKER).unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(job.cfg))
+
+
+def loop(job: Job) -> int:
+    cfg, d, state = job.cfg, job.dist, job.state
     plan = BatchPlan.for_world(cfg, d.world_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
     display = ProgressDisplay(cfg.train.max_steps, state.progress.step, enabled=d.is_main,
                               log_interval=cfg.train.log_interval)
-    interval = cfg.checkpoint.interval_steps if cfg.checkpoint.interval_steps != "auto" else 50
+    auto = cfg.checkpoint.interval_steps == "auto"
+    interval = AdaptiveInterval(cfg.train.max_steps, AUTO_INITIAL_INTERVAL) if auto else None
+    every = AUTO_INITIAL_INTERVAL if auto else cfg.checkpoint.interval_steps
     audit = open_audit(cfg, d) if cfg.train.audit_samples else None
-    health.set_phase("training")
-    model.train()
+    tokens_per_step = plan.global_batch * cfg.data.block_size
+    job.health.set_phase("training")
+    job.model.train()
     while True:
-        preempt, writer_busy = distributed.any_rank(d, notices.pending, ckpt.busy)
+        preempt, writer_busy = distributed.any_rank(d, job.notices.pending, job.ckpt.busy)
         if preempt:
-            return emergency_exit(cfg, d, state, ckpt, notices, health)
+            return emergency_exit(job)
         if state.progress.step >= cfg.train.max_steps:
             break
         t0 = time.perf_counter()
-        loss = train_step(model, optimizer, dataset, plan, state, d, cfg, notices, autocast, audit)
+        loss = train_step(job.model, job.optimizer, job.dataset, plan, state, d, cfg, job.notices, autocast, audit)
         if loss is None:  # abandoned on a notice: the state is the last completed step
             continue
-        health.step_done(state.progress.step)
-        display.update(state.progress.step, loss, time.perf_counter() - t0)
-        if state.progress.step % interval == 0 or state.progress.step == cfg.train.max_steps:
-            skip = writer_busy and cfg.checkpoint.if_busy == "skip"
-            ckpt.save(state.progress.step, state, skip=skip)
-        for report in ckpt.drain_reports():
+        step, seconds = state.progress.step, time.perf_counter() - t0
+        job.health.step_done(step)
+        display.update(step, loss, seconds)
+        metrics = None
+        if step % cfg.train.log_interval == 0:
+            metrics = {"loss": loss, "lr": job.optimizer.param_groups[0]["lr"], "world_size": d.world_size,
+                       "tokens_per_s": tokens_per_step / seconds}
+        job.tel.on_step(step, seconds, metrics)
+        if step % every == 0 or step == cfg.train.max_steps:
+            report = job.ckpt.save(step, state, skip=writer_busy and cfg.checkpoint.if_busy == "skip")
+            job.tel.event(ev.CKPT_BLOCK, step=step, seconds=report.seconds, skipped=not report.ok)
+            if interval:
+                previous, every = every, interval.update(report.seconds, seconds, job.tel.mtbi_s())
+                if every != previous:
+                    job.tel.event(ev.INTERVAL_CHANGE, interval_steps=every, previous=previous)
+        for report in job.ckpt.drain_reports():
             if not report.ok:
                 log.warning("checkpoint %s of step %d on %s failed: %s", report.kind, report.step, report.tier,
                             report.detail)
-        if ckpt.conflict:  # a newer incarnation owns the store: this one is stale and must not go on
-            raise ckpt.conflict
+        if job.ckpt.conflict:  # a newer incarnation owns the store: this one is stale and must not go on
+            raise job.ckpt.conflict
     display.close()
     return 0
 
@@ -200,34 +253,46 @@ def open_audit(cfg, d):
     return open(folder / f"rank{d.rank}-{os.getpid()}.txt", "a", buffering=1)
 
 
-def emergency_exit(cfg, d, state, ckpt: CheckpointManager, notices: NoticeBoard, health: Health) -> int:
+def emergency_exit(job: Job) -> int:
     """All ranks agreed a notice is pending: save the last completed step within the deadline, leave the
     marker the shutdown script waits on, exit with the preempted code."""
-    health.set_phase("saving")
-    source = notices.notice.source if notices.notice else "another rank"
-    log.warning("preemption notice (%s): emergency checkpoint at step %d", source, state.progress.step)
-    report = ckpt.save_now(state.progress.step, state, max(1.0, notices.seconds_left()))
-    distributed.any_rank(d, False)  # every rank's part is durable before the marker says so
-    if d.is_main:
+    job.health.set_phase("saving")
+    notice, step = job.notices.notice, job.state.progress.step
+    source = notice.source if notice else "another rank"
+    log.warning("preemption notice (%s): emergency checkpoint at step %d", source, step)
+    job.tel.event(ev.PREEMPTION_NOTICE, source=source, step=step)
+    report = job.ckpt.save_now(step, job.state, max(1.0, job.notices.seconds_left()))
+    job.tel.event(ev.EMERGENCY_SAVE, step=step, seconds=report.seconds, tier=report.tier, ok=report.ok)
+    distributed.any_rank(job.dist, False)  # every rank's part is durable before the marker says so
+    if job.dist.is_main:
         marker = {"step": report.step, "tier": report.tier, "seconds": round(report.seconds, 3),
                   "source": source, "ok": report.ok}
-        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run.dir) / MARKER).write_text(json.dumps(marker) + "\n")
+        run_dir = Path(job.cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / MARKER).write_text(json.dumps(marker) + "\n")
         print(f"preempted: step {report.step} saved to {report.tier} in {report.seconds:.2f}s; "
               f"exit {PREEMPTED_EXIT_CODE} (restart to resume)", flush=True)
     return PREEMPTED_EXIT_CODE
 
 
-def write_summary(run_dir: Path, state: TrainState, started: float) -> None:
+def finish(job: Job, started: float) -> None:
+    """Rank 0 at the end: summary.json and the goodput breakdown of the whole job so far."""
+    job.tel.flush()
+    breakdown = job.tel.breakdown()
+    progress = job.state.progress
     summary = {
-        "final_step": state.progress.step,
-        "model_sha256": model_sha256(state.model),
+        "final_step": progress.step,
+        "model_sha256": model_sha256(job.state.model),
         "wall_seconds": round(time.time() - started, 3),
-        "restarts": state.progress.restarts,
-        "world_sizes": state.progress.world_sizes,
-        "sample_index": state.progress.sample_index,
+        "restarts": progress.restarts,
+        "world_sizes": progress.world_sizes,
+        "sample_index": progress.sample_index,
+        "wandb_run_id": progress.wandb_run_id,
+        "lost_steps": breakdown.lost_steps,
+        **{k: round(v, 6) for k, v in job.tel.job_metrics().items()},
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (Path(job.cfg.run.dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    Console().print(goodput_table(breakdown))
 
 
 @record

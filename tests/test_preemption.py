@@ -16,6 +16,7 @@ import pytest
 from harness.checkpoint.store import LocalStore
 from harness.preemption import PREEMPTED_EXIT_CODE
 from harness.preemption.health import Health, serve
+from harness.telemetry.ledger import read_ledger
 from tests import runs
 from tests.fake_metadata import FakeMetadata
 
@@ -199,3 +200,26 @@ def test_crash_loop_stops_after_max_restarts_and_keeps_every_checkpoint(tmp_path
     assert store.committed_steps() == [5, 10]
     for step in (5, 10):
         store.verify(step)
+
+
+def test_sigkill_without_notice_resumes_from_the_last_periodic_checkpoint_and_reports_lost_steps(
+        tmp_path, reference_sha):
+    config = ["train.max_steps=100", "checkpoint.interval_steps=40", "telemetry.ledger_flush_s=0.2"]
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    ledger = str(run_dir / "checkpoints" / "ledger")
+
+    def recorded_step() -> int:
+        steps = [e["last"] for e in read_ledger(ledger) if e["kind"] == "steps"] if os.path.isdir(ledger) else []
+        return max(steps, default=0)
+
+    proc = runs.start(0, [*config, f"run.dir={run_dir}"], log)
+    try:
+        runs.wait_for(lambda: recorded_step() >= 55, interval=0.05, what="steps past the checkpoint at 40")
+    finally:
+        runs.kill_tree(proc.pid)
+        proc.wait()
+    lost = recorded_step() - 40
+    assert runs.run(0, [*config, f"run.dir={run_dir}"], log) == 0, runs.tail(log)
+    summary = runs.summary(run_dir)
+    assert summary["lost_steps"] == lost > 0
+    assert summary["model_sha256"] == reference_sha(0, config)

@@ -21,6 +21,7 @@ class MonitoringConfig:
     project: str | None = None  # GCP project the metrics are written to; required when enabled
     period_s: float = 60.0  # one batched CreateTimeSeries per period
     timeout_s: float = 10.0  # deadline of one request (on the sink's thread, never the loop's)
+    endpoint: str | None = None  # host:port of a plain-text gRPC endpoint (a local server); None = Google's API
 
 
 @dataclass

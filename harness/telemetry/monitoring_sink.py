@@ -34,7 +34,8 @@ MIN_SPACING_S = 5.0
 class MonitoringSink:
     def __init__(self, project: str, period_s: float, client: Any = None,
                  labels: Mapping[str, str] | None = None, timeout_s: float = 10.0,
-                 on_error: OnError | None = None, retry_initial_s: float = 5.0, retry_max_s: float = 300.0):
+                 on_error: OnError | None = None, retry_initial_s: float = 5.0, retry_max_s: float = 300.0,
+                 endpoint: str | None = None):
         if period_s <= 0:
             raise ValueError(f"period_s={period_s} must be > 0")
         self.project = project
@@ -44,6 +45,7 @@ class MonitoringSink:
         self.backoff = Backoff("monitoring", retry_initial_s, retry_max_s, on_error)
         self.writes = 0
         self._client = client
+        self.endpoint = endpoint
         self._values: dict[str, float] = {}
         self._lock = threading.Lock()
         self._last_write = float("-inf")
@@ -85,7 +87,7 @@ class MonitoringSink:
             from google.cloud import monitoring_v3
 
             if self._client is None:
-                self._client = monitoring_v3.MetricServiceClient()
+                self._client = make_client(self.endpoint)
             now = time.time()
             series = [self._series(monitoring_v3, name, value, now) for name, value in sorted(values.items())]
             self._client.create_time_series(name=f"projects/{self.project}", time_series=series,
@@ -109,3 +111,16 @@ class MonitoringSink:
             "points": [{"interval": {"end_time": {"seconds": seconds, "nanos": int((now - seconds) * 1e9)}},
                         "value": {"double_value": float(value)} if is_float else {"int64_value": int(value)}}],
         })
+
+
+def make_client(endpoint: str | None) -> Any:
+    """Google's Monitoring API with default credentials, or a plain-text gRPC endpoint (a local server)."""
+    from google.cloud import monitoring_v3
+
+    if endpoint is None:
+        return monitoring_v3.MetricServiceClient()
+    import grpc
+    from google.cloud.monitoring_v3.services.metric_service.transports import MetricServiceGrpcTransport
+
+    channel = grpc.insecure_channel(endpoint)
+    return monitoring_v3.MetricServiceClient(transport=MetricServiceGrpcTransport(channel=channel))

@@ -117,7 +117,7 @@ class Telemetry:
             monitoring = MonitoringSink(cfg.monitoring.project, cfg.monitoring.period_s, monitoring_client,
                                         labels={"job": job_cfg.run.name}, timeout_s=cfg.monitoring.timeout_s,
                                         on_error=on_error, retry_initial_s=cfg.retry_initial_s,
-                                        retry_max_s=cfg.retry_max_s)
+                                        retry_max_s=cfg.retry_max_s, endpoint=cfg.monitoring.endpoint)
         return cls(cfg, ledger, rank=rank, run_id=run_id, prior=prior, wandb=wandb_sink, monitoring=monitoring,
                    cost=cost, mtbi_prior_s=float(job_cfg.checkpoint.mtbi_s))
 
