@@ -336,3 +336,18 @@ def test_bad_store_fails_at_start_naming_it(tmp_path, fake_gcs, store, emulator,
     assert proc.returncode == 2
     assert expected in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("step_*"))
+
+
+def test_cli_lists_and_verifies_naming_the_bad_checkpoint(tmp_path):
+    save_steps(CheckpointManager(ckpt_cfg(tmp_path), Dist()), make_state(), 3)
+    flip(tmp_path / "local" / step_dirname(2))
+    store = str(tmp_path / "local")
+    cli = [sys.executable, "-m", "harness.checkpoint"]
+    listing = subprocess.run([*cli, "list", store], capture_output=True, text=True, env=runs.env(COLUMNS="300"))
+    assert listing.returncode == 1
+    rows = {line.split("│")[1].strip(): line for line in listing.stdout.splitlines() if line.count("│") >= 4}
+    assert set(rows) == {"1", "2", "3"}
+    assert "crc32c" in rows["2"] and "ok" in rows["3"] and "ok" in rows["1"]
+    assert subprocess.run([*cli, "verify", store], capture_output=True, env=runs.env()).returncode == 0
+    bad = subprocess.run([*cli, "verify", store, "2"], capture_output=True, text=True, env=runs.env(COLUMNS="300"))
+    assert bad.returncode == 1 and "crc32c" in bad.stdout
