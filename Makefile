@@ -14,15 +14,39 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import torch, hydra, wandb" 
 	touch $(STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check harness tests infra bench
 
-test: lint
+test: lint .venv-checkov
 	$(VENV)/bin/pytest -q tests
 
 train: setup
 	$(PY) -m harness.launch $(ARGS)
+
+# --- infra ---
+# Terraform for Google Cloud from the same config tree: `make deploy ARGS="infra.project=my-proj
+# topology=hybrid topology.workers.max=8"`. synth needs no cloud access and no terraform binary;
+# plan/deploy/destroy need terraform (>= 1.5) or tofu, and `gcloud auth application-default login`.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+
+.PHONY: synth plan deploy destroy cost-per-hour .venv-checkov
+
+synth plan deploy destroy: setup
+	$(PY) -m infra $@ $(ARGS)
+
+cost-per-hour: setup
+	$(PY) -m infra cost $(ARGS)
+
+# checkov pins its own dependencies (it would downgrade `packaging` in .venv): its own venv, for `make test`.
+.venv-checkov: $(CHECKOV_STAMP)
+
+$(CHECKOV_STAMP):
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check checkov==3.3.30 2>&1 | grep -v "is ignored: it is neither" || true
+	$(CHECKOV_VENV)/bin/checkov --version
+	touch $(CHECKOV_STAMP)

@@ -1,0 +1,98 @@
+"""`python -m infra synth|plan|deploy|destroy|cost [Hydra overrides...]` (the Makefile's infra targets).
+
+    synth    write the Terraform JSON under infra.outdir (no cloud access, no terraform binary)
+    plan     synth, then terraform init + plan
+    deploy   build the harness wheel, synth, terraform init + plan -out + apply of that plan, then
+             publish wheel + conf/ to gs://<bucket>/releases/<version>/
+    destroy  synth, then terraform init + destroy (asks for confirmation unless --yes)
+    cost     the hourly cost of each topology at the configured prices (or of the one given)
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.config import ConfigError
+from infra import pricing, release, settings, terraform
+
+TOPOLOGIES = tuple(sorted(p.stem for p in (settings.REPO / "conf" / "topology").glob("*.yaml")))
+PLAN_FILE = "tfplan"
+
+
+def _cost_line(s: settings.Settings) -> str:
+    c = pricing.hourly_cost(s)
+    return (f"{c.topology}: ${c.at_max:.2f}/h with {c.workers_max} workers, ${c.at_min:.2f}/h with "
+            f"{c.workers_min}; the same training nodes on-demand ${c.on_demand_equivalent:.2f}/h "
+            f"(prices as of {c.as_of})")
+
+
+def _cost_table(overrides: Sequence[str]) -> str:
+    chosen = any(o.startswith("topology=") for o in overrides)
+    rows = []
+    for topology in [None] if chosen else TOPOLOGIES:
+        s = settings.load([*overrides, f"topology={topology}"] if topology else overrides)
+        rows.append((s, pricing.hourly_cost(s)))
+    return pricing.table(rows)
+
+
+def _synth(s: settings.Settings, version: str) -> Path:
+    from infra import stacks  # the provider bindings: seconds to import, only when synthesizing
+
+    stack_dir = stacks.synth(s, version)
+    print(f"synthesized {stack_dir / 'cdk.tf.json'}\n{_cost_line(s)}", flush=True)
+    return stack_dir
+
+
+def run(command: str, overrides: Sequence[str], yes: bool = False) -> None:
+    if command == "cost":
+        print(_cost_table(overrides))
+        return
+    binary = None if command == "synth" else terraform.preflight()
+    s = settings.load(overrides)
+    if binary and s.infra.project == settings.PLACEHOLDER_PROJECT:
+        raise ConfigError(f"infra.project={s.infra.project!r} is the placeholder; set infra.project=<your project id>")
+    with tempfile.TemporaryDirectory(prefix="spot-harness-wheel-") as wheel_dir:
+        # Build first: a harness that does not build must not leave half a deployment behind.
+        wheel = release.build_wheel(Path(wheel_dir)) if command == "deploy" else None
+        version = release.version()
+        stack_dir = _synth(s, version)
+        if binary is None:
+            return
+        terraform.run(binary, stack_dir, "init", "-input=false")
+        if command == "plan":
+            terraform.run(binary, stack_dir, "plan", "-input=false")
+        elif command == "deploy":
+            terraform.run(binary, stack_dir, "plan", "-input=false", f"-out={PLAN_FILE}")
+            terraform.run(binary, stack_dir, "apply", "-input=false", PLAN_FILE)
+            assert wheel is not None
+            print(f"published {release.publish(s, version, wheel)}")
+        else:
+            terraform.run(binary, stack_dir, "destroy", *(["-auto-approve"] if yes else []))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("synth", "plan", "deploy", "destroy", "cost"))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, exactly as for training")
+    parser.add_argument("--yes", action="store_true", help="destroy without asking for confirmation")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        run(args.command, args.overrides, args.yes)
+    except (ConfigError, terraform.PreflightError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as err:
+        print(f"error: {Path(str(err.cmd[0])).name} {' '.join(map(str, err.cmd[1:]))} failed (exit {err.returncode})",
+              file=sys.stderr)
+        return err.returncode or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One construct per concern; infra/stacks.py composes them into a deployment."""

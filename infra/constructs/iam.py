@@ -1,0 +1,72 @@
+"""Identities of the nodes, with least privilege: training nodes read and write objects of the
+checkpoint bucket only (a bucket-level binding), write logs and metrics, and read the W&B key; a
+rendezvous-only coordinator may only read the published release. Nothing else, nowhere else."""
+
+from __future__ import annotations
+
+from cdktf_cdktf_provider_google.project_iam_member import ProjectIamMember
+from cdktf_cdktf_provider_google.secret_manager_secret import (
+    SecretManagerSecret,
+    SecretManagerSecretReplication,
+    SecretManagerSecretReplicationAuto,
+)
+from cdktf_cdktf_provider_google.secret_manager_secret_iam_member import SecretManagerSecretIamMember
+from cdktf_cdktf_provider_google.service_account import ServiceAccount
+from cdktf_cdktf_provider_google.storage_bucket import StorageBucket
+from cdktf_cdktf_provider_google.storage_bucket_iam_member import (
+    StorageBucketIamMember,
+    StorageBucketIamMemberCondition,
+)
+from constructs import Construct
+
+from infra.release import RELEASES
+from infra.settings import Settings
+
+NODE_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
+
+
+class Identities(Construct):
+    """`trainer`: the service account of every training node; `coordinator`: the rendezvous-only
+    master's (None when the master trains)."""
+
+    def __init__(self, scope: Construct, id_: str, settings: Settings, bucket: StorageBucket):
+        super().__init__(scope, id_)
+        i = settings.infra
+        self.trainer = self._account("trainer", f"{i.name}-train", "Spot training nodes", settings)
+        StorageBucketIamMember(self, "trainer-objects", bucket=bucket.name, role="roles/storage.objectUser",
+                               member=self.member(self.trainer))
+        self.coordinator: ServiceAccount | None = None
+        if not settings.master_trains:
+            self.coordinator = self._account("coordinator", f"{i.name}-rdzv", "Rendezvous coordinator", settings)
+            # Bucket-level list (to copy the release folder) and object reads under releases/ only.
+            StorageBucketIamMember(
+                self, "coordinator-release", bucket=bucket.name, role="roles/storage.objectViewer",
+                member=self.member(self.coordinator),
+                condition=StorageBucketIamMemberCondition(
+                    title="release-only",
+                    expression=f'resource.type == "storage.googleapis.com/Bucket" || resource.name.startsWith('
+                               f'"projects/_/buckets/{i.bucket.name}/objects/{RELEASES}/")'))
+        secret_id = i.wandb_secret
+        if i.create_wandb_secret:
+            # The secret only: its value is added out of band and never enters config or state.
+            secret = SecretManagerSecret(
+                self, "wandb-secret", secret_id=i.wandb_secret,
+                replication=SecretManagerSecretReplication(auto=SecretManagerSecretReplicationAuto()))
+            secret_id = secret.secret_id
+        SecretManagerSecretIamMember(self, "trainer-wandb", project=i.project, secret_id=secret_id,
+                                     role="roles/secretmanager.secretAccessor", member=self.member(self.trainer))
+
+    def _account(self, id_: str, account_id: str, title: str, settings: Settings) -> ServiceAccount:
+        account = ServiceAccount(self, id_, account_id=account_id, display_name=f"{settings.infra.name}: {title}")
+        for role in NODE_ROLES:
+            ProjectIamMember(self, f"{id_}-{role.rsplit('.', 1)[-1]}", project=settings.infra.project,
+                             role=role, member=self.member(account))
+        return account
+
+    @property
+    def accounts(self) -> list[ServiceAccount]:
+        return [a for a in (self.trainer, self.coordinator) if a is not None]
+
+    @staticmethod
+    def member(account: ServiceAccount) -> str:
+        return f"serviceAccount:{account.email}"

@@ -1,0 +1,67 @@
+"""The deployment: one thin stack composing the constructs, synthesized to plain Terraform JSON
+(<outdir>/stacks/<infra.name>/cdk.tf.json) that Terraform or OpenTofu apply directly.
+
+CDKTF is deprecated upstream (December 2025): all logic lives in settings and the constructs, and the
+output uses nothing CDKTF-specific, so the JSON can be kept and applied without CDKTF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cdktf import App, Fn, GcsBackend, LocalBackend, TerraformOutput, TerraformStack
+from cdktf_cdktf_provider_google.provider import GoogleProvider
+from constructs import Construct
+
+from infra.constructs.compute import Compute
+from infra.constructs.iam import Identities
+from infra.constructs.monitoring import Monitoring
+from infra.constructs.network import Network
+from infra.constructs.storage import CheckpointBucket, checkpoint_prefix
+from infra.release import RELEASES
+from infra.settings import REPO, Settings
+from infra.vm import startup_scripts
+
+STATE_DIR = REPO / "infra" / "state"  # local Terraform state (git-ignored), outside the synth output
+
+
+class TrainingStack(TerraformStack):
+    def __init__(self, scope: Construct, settings: Settings, release: str):
+        i = settings.infra
+        super().__init__(scope, i.name)
+        scripts = startup_scripts(settings)  # first: a missing script fails before anything is built
+        GoogleProvider(self, "google", project=i.project, region=i.region, default_labels=dict(i.labels))
+        if i.state_bucket:
+            GcsBackend(self, bucket=i.state_bucket, prefix=f"terraform/{i.name}")
+        else:
+            LocalBackend(self, path=str(STATE_DIR / f"{i.name}.tfstate"))
+
+        storage = CheckpointBucket(self, "storage", settings)
+        identities = Identities(self, "iam", settings, storage.bucket)
+        network = Network(self, "network", settings, identities)
+        compute = Compute(self, "compute", settings, network, identities, storage.bucket, scripts, release)
+        monitoring = Monitoring(self, "monitoring", settings)
+
+        bucket_url = f"gs://{storage.bucket.name}"
+        dashboard_id = Fn.element(Fn.split("/", monitoring.dashboard.id), 3)
+        outputs = {
+            "bucket_url": bucket_url,
+            "checkpoint_store": f"{bucket_url}/{checkpoint_prefix(settings.run_id)}",
+            "release_url": f"{bucket_url}/{RELEASES}/{release}/",
+            "master_mig": compute.master_mig.name,
+            "worker_mig": compute.worker_mig.name,
+            "rendezvous_endpoint": compute.rdzv_endpoint,
+            "dashboard_url": f"https://console.cloud.google.com/monitoring/dashboards/builder/{dashboard_id}"
+                             f"?project={i.project}",
+        }
+        for key, value in outputs.items():
+            TerraformOutput(self, key, value=value)
+
+
+def synth(settings: Settings, release: str) -> Path:
+    """Write the stack's Terraform JSON under infra.outdir; returns the stack directory."""
+    outdir = settings.path(settings.infra.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    app = App(outdir=str(outdir))
+    TrainingStack(app, settings, release)
+    app.synth()
+    return outdir / "stacks" / settings.infra.name
