@@ -8,14 +8,15 @@ ARGS ?=
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lint test train
+.PHONY: setup lint test train checkpoints goodput cost-plan bench-checkpoint bench-preemption
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import torch, hydra, wandb" 
+	set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
+		| { grep -v "is ignored: it is neither" || true; }
+	$(PY) -c "import torch, hydra, wandb, cdktf"
 	touch $(STAMP)
 
 lint: setup
@@ -26,6 +27,23 @@ test: lint .venv-checkov
 
 train: setup
 	$(PY) -m harness.launch $(ARGS)
+
+STORE ?= runs/default/checkpoints
+checkpoints: setup
+	$(PY) -m harness.checkpoint list $(STORE)
+
+goodput: setup
+	$(PY) -m harness.goodput $(or $(RUN),runs/default) $(ARGS)
+
+cost-plan: setup
+	$(PY) -m harness.plan $(ARGS)
+
+bench-checkpoint: setup
+	$(PY) -m bench.checkpoint --sizes 0.1 1 4
+
+bench-preemption: setup
+	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone \
+		--nproc-per-node=2 -m bench.preemption $(ARGS)
 
 # --- infra ---
 # Terraform for Google Cloud from the same config tree: `make deploy ARGS="infra.project=my-proj
@@ -47,6 +65,7 @@ cost-per-hour: setup
 
 $(CHECKOV_STAMP):
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check checkov==3.3.30 2>&1 | grep -v "is ignored: it is neither" || true
+	set -o pipefail; $(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check checkov==3.3.30 2>&1 \
+		| { grep -v "is ignored: it is neither" || true; }
 	$(CHECKOV_VENV)/bin/checkov --version
 	touch $(CHECKOV_STAMP)
