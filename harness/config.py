@@ -8,9 +8,10 @@ keys (divisibility, ranges) live in `validate`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -20,6 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 # The repo's conf/ in a checkout; on a VM the startup script points SPOT_CONF_DIR at the released copy.
 CONF_DIR = Path(os.environ.get("SPOT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -121,6 +125,9 @@ class LaunchConfig:
     max_restarts: int = 0
     standalone: bool = True
     shutdown_timeout_s: int = 27  # torchrun's SIGTERM -> SIGKILL grace; inside GCP's 30 s
+    # torchrun --rdzv-conf, e.g. "is_host=False" when a store outside the agents (harness.rendezvous) hosts it
+    rdzv_conf: str = ""
+    module: str = "harness.train"  # what torchrun runs on every rank (the chaos baseline runs its own)
 
 
 @dataclass
@@ -174,9 +181,20 @@ def register() -> None:
     cs.store(group="model", name="gpt_schema", node=GPTConfig)
 
 
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def one_of(key: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(map(str, allowed))}")
+
+
+def structured(schema: type[T], node: Any, prefix: str) -> T:
+    """`node` checked against the dataclass `schema` (unknown keys, wrong types) as a `schema`
+    instance, for groups typed Any in JobConfig; ConfigError names `<prefix>.<key>`."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = f"{prefix}.{err.full_key}" if getattr(err, "full_key", None) else prefix
+        raise ConfigError(f"{key}: {str(err.msg).splitlines()[0]}") from None
 
 
 def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
@@ -191,17 +209,17 @@ def validate(cfg: DictConfig) -> None:
     _positive("train.micro_batch_size", cfg.train.micro_batch_size, zero_ok=True)
     if cfg.train.grad_accum is not None:
         _positive("train.grad_accum", cfg.train.grad_accum)
-    _one_of("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
+    one_of("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     interval = cfg.checkpoint.interval_steps
     if interval != "auto" and not (isinstance(interval, int) and not isinstance(interval, bool) and interval > 0):
         raise ConfigError(f"checkpoint.interval_steps={interval!r} must be a positive integer or 'auto'")
     _positive("checkpoint.keep", cfg.checkpoint.keep)
-    _one_of("checkpoint.if_busy", cfg.checkpoint.if_busy, ("wait", "skip"))
-    _one_of("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
+    one_of("checkpoint.if_busy", cfg.checkpoint.if_busy, ("wait", "skip"))
+    one_of("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
     _positive("launch.nproc_per_node", cfg.launch.nproc_per_node)
     _positive("preemption.deadline_s", cfg.preemption.deadline_s)
-    _one_of("preemption.in_flight_step", cfg.preemption.in_flight_step, ("finish", "abandon"))
-    _one_of("elastic.lr_scaling", cfg.elastic.lr_scaling, ("none", "linear", "sqrt"))
+    one_of("preemption.in_flight_step", cfg.preemption.in_flight_step, ("finish", "abandon"))
+    one_of("elastic.lr_scaling", cfg.elastic.lr_scaling, ("none", "linear", "sqrt"))
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
     if not str(cfg.model.get("_target_", "")):

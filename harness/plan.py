@@ -39,9 +39,8 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from harness.config import CONF_DIR, ConfigError, load
+from harness.config import CONF_DIR, ConfigError, load, structured
 from harness.cost import node_hourly
-from harness.telemetry.config import structured
 from harness.telemetry.interval import interval_steps, young_daly_interval_s
 
 HOUR = 3600.0

@@ -16,8 +16,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from harness import config as job_config
-from harness.config import ConfigError
-from harness.telemetry.config import structured
+from harness.config import ConfigError, one_of, structured
 from infra import machines
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,11 +168,6 @@ def load(overrides: Sequence[str] = ()) -> Settings:
 
 # --- validation -----------------------------------------------------------------------------------
 
-def _one_of(key: str, value: object, allowed: Sequence[object]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(map(str, allowed))}")
-
-
 def _at_least(key: str, value: int, minimum: int) -> None:
     if value < minimum:
         raise ConfigError(f"{key}={value} must be >= {minimum}")
@@ -252,7 +246,7 @@ def validate(s: Settings) -> None:
                  "digits, '_' or '-', starting with a letter")
         _matches(f"infra.labels.{key}", str(value), r"[a-z0-9_-]{0,63}",
                  "label values: up to 63 lowercase letters, digits, '_' or '-'")
-    _one_of("infra.instance_termination_action", i.instance_termination_action, TERMINATION_ACTIONS)
+    one_of("infra.instance_termination_action", i.instance_termination_action, TERMINATION_ACTIONS)
     _at_least("infra.boot_disk_gb", i.boot_disk_gb, 50)
     _matches("infra.wandb_secret", i.wandb_secret, r"[A-Za-z0-9_-]{1,255}",
              "a Secret Manager secret id: letters, digits, '_' or '-'")
@@ -278,9 +272,9 @@ def validate(s: Settings) -> None:
         _matches(f"infra.alerts.emails[{n}]", email, r"[^@\s]+@[^@\s]+\.[^@\s]+", "an email address")
 
     m, w = t.master, t.workers
-    _one_of("topology.master.role", m.role, MASTER_ROLES)
-    _one_of("topology.workers.provisioning", w.provisioning, PROVISIONING)
-    _one_of("topology.workers.distribution", w.distribution, DISTRIBUTIONS)
+    one_of("topology.master.role", m.role, MASTER_ROLES)
+    one_of("topology.workers.provisioning", w.provisioning, PROVISIONING)
+    one_of("topology.workers.distribution", w.distribution, DISTRIBUTIONS)
     _at_least("topology.workers.min", w.min, 0 if s.master_trains else 1)
     _at_least("topology.workers.max", w.max, 1)
     if w.min > w.max:

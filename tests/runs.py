@@ -17,7 +17,8 @@ from harness.launch import TORCHRUN_ENV
 REPO = Path(__file__).resolve().parent.parent
 
 # Small and fast, but with enough state that a checkpoint write takes measurable time.
-FAST = ["health.enabled=false", "train.log_interval=5"]
+# W&B offline starts a service process per run (~8 s here): only the tests of W&B turn it back on.
+FAST = ["health.enabled=false", "train.log_interval=5", "wandb.mode=disabled"]
 
 
 def free_port() -> int:
@@ -39,20 +40,24 @@ def train_cmd(nproc: int, overrides: list[str], max_restarts: int = 0) -> list[s
             f"--max-restarts={max_restarts}", "-m", "harness.train", *FAST, *overrides]
 
 
-def start(nproc: int, overrides: list[str], log: Path, **kw) -> subprocess.Popen:
+def start(nproc: int, overrides: list[str], log: Path, extra_env: dict | None = None, **kw) -> subprocess.Popen:
     """nproc=0 runs one plain process; n >= 1 runs torchrun with n workers."""
     out = open(log, "ab")
-    return subprocess.Popen(train_cmd(nproc, overrides, **kw), cwd=REPO, env=env(), stdout=out,
+    return subprocess.Popen(train_cmd(nproc, overrides, **kw), cwd=REPO, env=env(**(extra_env or {})), stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def run(nproc: int, overrides: list[str], log: Path, timeout: float = 240, **kw) -> int:
-    proc = start(nproc, overrides, log, **kw)
+    return finish(start(nproc, overrides, log, **kw), log, timeout)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
+    """Wait for a started run; on timeout kill its whole tree and fail with the log's tail."""
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
-        raise AssertionError(f"training timed out; log:\n{tail(log)}") from None
+        raise AssertionError(f"run timed out after {timeout}s; log:\n{tail(log)}") from None
 
 
 def descendants(pid: int) -> list[int]:
@@ -141,9 +146,4 @@ def logged_step(log: Path, step: int) -> bool:
 
 
 def run_launcher(nproc: int, overrides: list[str], log: Path, timeout: float = 240, **kw) -> int:
-    proc = start_launcher(nproc, overrides, log, **kw)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        raise AssertionError(f"launcher timed out; log:\n{tail(log)}") from None
+    return finish(start_launcher(nproc, overrides, log, **kw), log, timeout)

@@ -6,10 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from harness.config import ConfigError
+from harness.config import ConfigError, structured
 
 T = TypeVar("T")
 MIN_MONITORING_PERIOD_S = 10.0
@@ -45,17 +42,6 @@ class TelemetryConfig:
     retry_max_s: float = 300.0
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     cost_basis: CostBasis = field(default_factory=CostBasis)
-
-
-def structured(schema: type[T], node: Any, prefix: str) -> T:
-    """`node` checked against the dataclass `schema` (unknown keys, wrong types) as a `schema`
-    instance; ConfigError names `<prefix>.<key>`."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        key = f"{prefix}.{err.full_key}" if getattr(err, "full_key", None) else prefix
-        raise ConfigError(f"{key}: {str(err.msg).splitlines()[0]}") from None
 
 
 def _positive(key: str, value: float) -> None:

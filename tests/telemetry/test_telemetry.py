@@ -79,7 +79,8 @@ def test_job_metrics_with_cost(tmp_path):
 
 def test_mtbi_uses_the_configured_prior_until_interruptions_are_seen(tmp_path):
     tel = start(tmp_path, "checkpoint.mtbi_s=7200")
-    assert tel.mtbi_s() == pytest.approx(7200, abs=60)
+    running = tel.breakdown().running_s  # counted from this process's start, however long ago
+    assert tel.mtbi_s() == pytest.approx(7200 + running, abs=1)
     tel.close(0)
 
 
