@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from harness.checkpoint import CheckpointManager
+from harness.checkpoint.manager import CheckpointManager
 from harness.checkpoint.manifest import file_entry
 from harness.distributed import Dist
 from harness.state import TrainState

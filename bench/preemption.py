@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from harness import config, distributed
-from harness.checkpoint import CheckpointManager
+from harness.checkpoint.manager import CheckpointManager
 from harness.preemption import NoticeBoard
 from harness.state import TrainState, seed_everything
 from harness.train import BatchPlan, build, train_step

@@ -27,7 +27,8 @@ from rich.console import Console
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from harness import config, distributed
-from harness.checkpoint import CheckpointManager, CheckpointMismatch, CommitConflict, NoUsableCheckpoint, StoreError
+from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint
+from harness.checkpoint.store import CommitConflict, StoreError
 from harness.data import make_batch, rank_indices
 from harness.goodput import report as goodput_table
 from harness.optim import build_optimizer, lr_at, set_lr

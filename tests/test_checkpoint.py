@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.checkpoint import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint
+from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint
 from harness.checkpoint.manifest import MANIFEST
 from harness.checkpoint.store import LocalStore, step_dirname
 from harness.distributed import Dist
@@ -233,7 +233,7 @@ PROBE = """
 import sys, torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
 from harness import config, distributed
-from harness.checkpoint import CheckpointManager
+from harness.checkpoint.manager import CheckpointManager
 from harness.state import TrainState
 from harness.train import build
 cfg = config.load(sys.argv[2:])

@@ -1,14 +1,4 @@
-"""Tiered, asynchronous, atomic and verified checkpoints (DCP format). See manager.py for the path a
-checkpoint takes."""
+"""Tiered, asynchronous, atomic and verified checkpoints (DCP format): manager.py is the engine and
+describes the path a checkpoint takes; store.py, gcs.py, manifest.py, snapshot.py and tiers.py its parts.
 
-from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, Report
-from harness.checkpoint.store import CommitConflict, StoreError
-
-__all__ = [
-    "CheckpointManager",
-    "CheckpointMismatch",
-    "CommitConflict",
-    "NoUsableCheckpoint",
-    "Report",
-    "StoreError",
-]
+Nothing is imported here, so that checking a store (store.py, tiers.py) does not load torch."""
