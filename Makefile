@@ -23,7 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff check harness tests infra bench
 
 test: lint .venv-checkov
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
 
 train: setup
 	$(PY) -m harness.launch $(ARGS)

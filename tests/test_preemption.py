@@ -6,16 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from harness.checkpoint.store import LocalStore
 from harness.preemption import PREEMPTED_EXIT_CODE
-from harness.preemption.health import Health, serve
 from harness.telemetry.ledger import read_ledger
 from tests import runs
 from tests.fake_metadata import FakeMetadata
@@ -90,28 +85,6 @@ def test_ctrl_c_on_the_launcher_saves_and_the_same_command_resumes(tmp_path, ref
     preempt_and_resume(tmp_path, reference_sha, lambda proc: os.killpg(proc.pid, signal.SIGINT))
 
 
-def test_world_size_2_1_2_consumes_every_sample_exactly_once(tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    overrides = [*CONFIG, f"run.dir={run_dir}", "train.audit_samples=true"]
-    for nproc, stop_after in ((2, 10), (1, 30)):
-        proc = runs.start_launcher(nproc, overrides, log)
-        try:
-            runs.wait_for(lambda s=stop_after: runs.logged_step(log, s), what=f"step {stop_after}")
-            os.kill(runs.training_workers(proc.pid)[0], signal.SIGTERM)
-            assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE, runs.tail(log)
-        finally:
-            runs.kill_tree(proc.pid)
-    assert runs.run_launcher(2, overrides, log) == 0, runs.tail(log)
-    summary = runs.summary(run_dir)
-    assert summary["world_sizes"] == [2, 1] and summary["final_step"] == 60
-    consumed = []
-    for record in (run_dir / "samples").glob("*.txt"):
-        for line in record.read_text().splitlines():
-            _step, first, stop = map(int, line.split())
-            consumed.extend(range(first, stop))
-    assert sorted(consumed) == list(range(60 * 16)), "a sample was repeated or skipped"
-
-
 @pytest.mark.parametrize("mode", ["closed", "error", "hang"])
 def test_unreachable_metadata_server_does_not_disturb_training(tmp_path, mode):
     fake = FakeMetadata()
@@ -130,69 +103,6 @@ def test_unreachable_metadata_server_does_not_disturb_training(tmp_path, mode):
     assert runs.summary(run_dir)["final_step"] == 30
     if mode == "error":
         assert len(fake.requests) >= 2, "the watcher did not retry"
-
-
-def get_health(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-    except OSError:
-        return 0, {}
-
-
-def test_health_endpoint_reports_progress_and_a_stall(tmp_path):
-    port, stall = runs.free_port(), tmp_path / "stall"
-    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    overrides = ["train.max_steps=400", f"run.dir={run_dir}", "model._target_=tests.user_model.StallingBigram",
-                 "health.enabled=true", f"health.port={port}", "health.stall_s=1"]
-    proc = subprocess.Popen(runs.train_cmd(0, []) + overrides, cwd=runs.REPO, env=runs.env(STALL_FILE=str(stall)),
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        code, body = runs.wait_for(lambda: (r := get_health(port))[1].get("phase") == "training" and r,
-                                   interval=0.05, what="healthz in the training phase")
-        assert code == 200
-        stall.touch()
-        code, body = runs.wait_for(lambda: (r := get_health(port))[0] == 503 and r, interval=0.1, what="a 503")
-        assert body["phase"] == "training" and body["seconds_since_progress"] >= 1
-        stall.unlink()
-        runs.wait_for(lambda: get_health(port)[0] == 200, interval=0.05, what="recovery")
-    finally:
-        runs.kill_tree(proc.pid)
-        proc.wait()
-
-
-def test_health_phases_are_healthy_while_restoring_and_saving():
-    """The phases the loop sets around restore and emergency saves answer 200 however long they take."""
-    health = Health(stall_s=0.0)
-    server = serve(health, 0, host="127.0.0.1")
-    port = server.server_address[1]
-    try:
-        for phase in ("starting", "restoring", "saving"):
-            health.set_phase(phase)
-            time.sleep(0.01)
-            assert get_health(port) == (200, {**get_health(port)[1], "phase": phase})
-        health.set_phase("training")
-        time.sleep(0.01)
-        assert get_health(port)[0] == 503
-    finally:
-        server.shutdown()
-
-
-def test_crash_loop_stops_after_max_restarts_and_keeps_every_checkpoint(tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    overrides = ["train.max_steps=40", "checkpoint.interval_steps=5", f"run.dir={run_dir}",
-                 "data._target_=tests.user_data.PoisonedTokens", "launch.max_restarts=2"]
-    code = runs.run_launcher(2, overrides, log, extra_env={"POISON_AT": str(12 * 16)})
-    text = log.read_text()
-    assert code not in (0, PREEMPTED_EXIT_CODE)
-    assert "corrupt record at sample 192" in text and "launch.max_restarts=2" in text
-    assert text.count("resumed from step 10") == 2 * 2, "expected two restarts of two ranks"
-    store = LocalStore(str(run_dir / "checkpoints"))
-    assert store.committed_steps() == [5, 10]
-    for step in (5, 10):
-        store.verify(step)
 
 
 def test_sigkill_without_notice_resumes_from_the_last_periodic_checkpoint_and_reports_lost_steps(

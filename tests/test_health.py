@@ -1,0 +1,60 @@
+"""`GET /healthz` for MIG autohealing, against a real training process and the real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from harness.preemption.health import Health, serve
+from tests import runs
+
+
+def get_health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+    except OSError:
+        return 0, {}
+
+
+def test_health_endpoint_reports_progress_and_a_stall(tmp_path):
+    port, stall = runs.free_port(), tmp_path / "stall"
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    overrides = ["train.max_steps=400", f"run.dir={run_dir}", "model._target_=tests.user_model.StallingBigram",
+                 "health.enabled=true", f"health.port={port}", "health.stall_s=1"]
+    proc = subprocess.Popen(runs.train_cmd(0, []) + overrides, cwd=runs.REPO, env=runs.env(STALL_FILE=str(stall)),
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code, body = runs.wait_for(lambda: (r := get_health(port))[1].get("phase") == "training" and r,
+                                   interval=0.05, what="healthz in the training phase")
+        assert code == 200
+        stall.touch()
+        code, body = runs.wait_for(lambda: (r := get_health(port))[0] == 503 and r, interval=0.1, what="a 503")
+        assert body["phase"] == "training" and body["seconds_since_progress"] >= 1
+        stall.unlink()
+        runs.wait_for(lambda: get_health(port)[0] == 200, interval=0.05, what="recovery")
+    finally:
+        runs.kill_tree(proc.pid)
+        proc.wait()
+
+
+def test_health_phases_are_healthy_while_restoring_and_saving():
+    """The phases the loop sets around restore and emergency saves answer 200 however long they take."""
+    health = Health(stall_s=0.0)
+    server = serve(health, 0, host="127.0.0.1")
+    port = server.server_address[1]
+    try:
+        for phase in ("starting", "restoring", "saving"):
+            health.set_phase(phase)
+            time.sleep(0.01)
+            assert get_health(port) == (200, {**get_health(port)[1], "phase": phase})
+        health.set_phase("training")
+        time.sleep(0.01)
+        assert get_health(port)[0] == 503
+    finally:
+        server.shutdown()
