@@ -8,7 +8,7 @@ ARGS ?=
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lint test train checkpoints goodput cost-plan bench-checkpoint bench-preemption
+.PHONY: setup lint test train checkpoints goodput cost-plan chaos bench-checkpoint bench-preemption bench-goodput
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ goodput: setup
 
 cost-plan: setup
 	$(PY) -m harness.plan $(ARGS)
+
+chaos: setup
+	$(PY) -m harness.chaos $(ARGS)
+
+bench-goodput: setup
+	$(PY) -m bench.goodput $(ARGS)
 
 bench-checkpoint: setup
 	$(PY) -m bench.checkpoint --sizes 0.1 1 4

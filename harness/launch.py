@@ -36,8 +36,10 @@ def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
     else:
         cmd += [f"--nnodes={launch.nnodes}", f"--rdzv-backend={launch.rdzv_backend}",
                 f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={cfg.run.name}"]
+        if launch.rdzv_conf:
+            cmd.append(f"--rdzv-conf={launch.rdzv_conf}")
     cmd += [f"--max-restarts={launch.max_restarts}", f"--shutdown-timeout={launch.shutdown_timeout_s}",
-            "-m", "harness.train", *overrides]
+            "-m", launch.module, *overrides]
     return cmd
 
 

@@ -15,6 +15,7 @@ DEADLINE_S=${SPOT_SHUTDOWN_DEADLINE_S:-25}
 POLL_S=${SPOT_SHUTDOWN_POLL_S:-0.2}
 readonly MARKER_PATH_FILE="$ROOT/etc/spot/marker-path"
 readonly TRAIN_UNIT=spot-train.service
+readonly RECENT_S=10
 
 log() { printf '%(%Y-%m-%dT%H:%M:%S%z)T spot-shutdown: %s\n' -1 "$*" >&2; }
 
@@ -70,6 +71,15 @@ marker_state() {
     stat -c '%i %y' "$1" 2>/dev/null || printf 'absent'
 }
 
+# marker_is_recent PATH START_S: written at most RECENT_S before this script started, so by this
+# preemption (the trainer can react to the metadata notice and save before this script gets going);
+# a marker from an earlier boot is older than a VM recreate and boot.
+marker_is_recent() {
+    local mtime
+    mtime=$(stat -c '%Y' "$1" 2>/dev/null) || return 1
+    ((mtime >= $2 - RECENT_S))
+}
+
 # systemctl is-active exits 3 (inactive, failed) or 4 (no such unit) when nothing runs.
 trainer_stopped() {
     local rc=0
@@ -77,16 +87,18 @@ trainer_stopped() {
     ((rc == 3 || rc == 4))
 }
 
-# wait_for_marker PATH BEFORE DEADLINE_US: 0 when it is written, 1 at the deadline.
+# wait_for_marker PATH BEFORE DEADLINE_US: 0 when it is written, 1 at the deadline, 2 when the trainer
+# exited without writing it (nothing left to wait for: the VM may power off at once).
 wait_for_marker() {
     while [[ $(marker_state "$1") == "$2" || ! -e $1 ]]; do
         (($(now_us) < $3)) || return 1
+        if trainer_stopped; then return 2; fi
         sleep "$POLL_S"
     done
 }
 
 main() {
-    local start deadline marker before
+    local start start_s=$EPOCHSECONDS deadline marker before rc=0
     start=$(now_us)
     check_settings
     deadline=$((start + $(seconds_to_us "$DEADLINE_S")))
@@ -100,13 +112,15 @@ main() {
         return 0
     fi
     before=$(marker_state "$marker")
+    if marker_is_recent "$marker" "$start_s"; then before=absent; fi
     systemctl kill --signal=SIGTERM "$TRAIN_UNIT" || log "systemctl kill $TRAIN_UNIT failed; waiting anyway"
     log "$(shutdown_kind): sent SIGTERM to $TRAIN_UNIT, waiting up to ${DEADLINE_S}s for $marker"
-    if wait_for_marker "$marker" "$before" "$deadline"; then
-        log "marker appeared after $((($(now_us) - start) / 1000)) ms: emergency checkpoint saved"
-    else
-        log "marker did not appear within ${DEADLINE_S}s: no emergency checkpoint confirmed; the last committed one stands"
-    fi
+    wait_for_marker "$marker" "$before" "$deadline" || rc=$?
+    case $rc in
+    0) log "marker appeared after $((($(now_us) - start) / 1000)) ms: emergency checkpoint saved" ;;
+    2) log "$TRAIN_UNIT exited after $((($(now_us) - start) / 1000)) ms without a marker on this VM (another node may hold it)" ;;
+    *) log "marker did not appear within ${DEADLINE_S}s: no emergency checkpoint confirmed; the last committed one stands" ;;
+    esac
 }
 
 main "$@"

@@ -261,18 +261,43 @@ class GCSStore(Store):
     def put_committed(self, step: int, src_dir: Path, manifest: Manifest) -> None:
         """Upload the files in parallel into this attempt's folder, then commit with the manifest.
         Any failure raises StoreError before the manifest is written, so nothing half-done is committed."""
+        folder = self._attempt_folder(step, manifest)
+        with self._failing_as(f"uploading step {step} (nothing committed)"):
+            self._parallel(
+                lambda name: self._upload(src_dir / name, self._name(folder + name), manifest.files[name]),
+                sorted(manifest.files),
+            )
+        self._commit_and_advance(step, manifest)
+
+    def put_share(self, step: int, src_dir: Path, manifest: Manifest) -> bool:
+        """One node's part of a multi-node checkpoint (each node's disk holds only its own ranks'
+        files): upload the manifest's files that src_dir holds into the attempt's folder, then commit
+        once the folder holds every file. Each node lists after its own upload, so the last one to
+        finish sees all the files and commits; a repeated commit of the same attempt is no conflict.
+        True when the step is committed, False while other nodes' files are missing."""
+        folder = self._attempt_folder(step, manifest)
+        mine = sorted(name for name in manifest.files if (src_dir / name).is_file())
+        with self._failing_as(f"uploading this node's share of step {step} (nothing committed)"):
+            self._parallel(
+                lambda name: self._upload(src_dir / name, self._name(folder + name), manifest.files[name]), mine
+            )
+        with self._failing_as(f"listing step {step}"):
+            present = {self._relative(b)[len(folder) :]: b.size for b in self._list(folder)}
+        if any(present.get(name) != entry.size for name, entry in manifest.files.items()):
+            return False
+        self._commit_and_advance(step, manifest)
+        return True
+
+    def _attempt_folder(self, step: int, manifest: Manifest) -> str:
         attempt = manifest.attempt
         if manifest.step != step or not attempt or "/" in attempt or attempt in (".", ".."):
             raise StoreError(
                 f"checkpoint store {self.url!r}: cannot put step {step} with a manifest for step "
                 f"{manifest.step}, attempt {attempt!r} (needs a non-empty attempt without '/')"
             )
-        folder = f"{step_dirname(step)}/{attempt}/"
-        with self._failing_as(f"uploading step {step} (nothing committed)"):
-            self._parallel(
-                lambda name: self._upload(src_dir / name, self._name(folder + name), manifest.files[name]),
-                sorted(manifest.files),
-            )
+        return f"{step_dirname(step)}/{attempt}/"
+
+    def _commit_and_advance(self, step: int, manifest: Manifest) -> None:
         with self._failing_as(f"committing step {step}"):
             self._commit(step, manifest)
         try:

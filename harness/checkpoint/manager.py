@@ -79,6 +79,9 @@ class CheckpointManager:
         self.conflict: CommitConflict | None = None  # another writer owns the store: this one must stop
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         self._inflight: Future | None = None
+        # Several nodes: each node's first tier holds only its own ranks' files, so each leader puts its
+        # share into a shared tier and the last one to finish commits (GCSStore.put_share).
+        self.multi_node = d.world_size > int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
         self._promoters = [_Promoter(self, t) for t in self.tiers[1:]] if d.is_node_leader else []
         self._pinned: set[int] = set()  # steps a promoter is copying: retention leaves them alone
         if d.is_node_leader:
@@ -142,7 +145,8 @@ class CheckpointManager:
         try:
             attempt_dir.mkdir(parents=True, exist_ok=True)
             writer = FileSystemWriter(attempt_dir, sync_files=True, thread_count=self.cfg.write_threads)
-            dcp.save(snap, storage_writer=writer, process_group=self.dist.ckpt_group)
+            with _without_zip_crc32():
+                dcp.save(snap, storage_writer=writer, process_group=self.dist.ckpt_group)
             mine = {p.name: file_entry(p) for p in attempt_dir.iterdir() if _written_by(p.name, self.dist.rank)}
             entries: dict[str, FileEntry] = {}
             for part in all_gather_object(self.dist, mine, group=self.dist.ckpt_group):
@@ -294,6 +298,14 @@ class CheckpointManager:
             promoter.close()
 
 
+def _without_zip_crc32():
+    """DCP writes through torch.save, whose zip writer CRC32s every record; the manifest's CRC32C already
+    covers every byte, so the writer skips that pass (a process-wide setting, restored afterwards)."""
+    from torch.utils.serialization import config
+
+    return config.patch({"save.compute_crc32": False})
+
+
 def _written_by(name: str, rank: int) -> bool:
     """DCP file naming: `__<rank>_<n>.distcp` per rank; the coordinator (rank 0) writes `.metadata`."""
     return name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata")
@@ -373,9 +385,15 @@ class _Promoter:
                 self._cv.wait_for(lambda: not self._busy)
                 self._busy = True
         t0 = time.perf_counter()
+        src = self.manager.first.step_dir(step)
         try:
             if step not in self.tier.store.committed_steps():
-                self.tier.store.put_committed(step, self.manager.first.step_dir(step), manifest)
+                if self.manager.multi_node and hasattr(self.tier.store, "put_share"):
+                    if not self.tier.store.put_share(step, src, manifest):
+                        log.info("step %d: this node's share is on %s; the last node to finish commits it",
+                                 step, self.tier)
+                else:
+                    self.tier.store.put_committed(step, src, manifest)
             elif (theirs := self.tier.store.read_manifest(step).attempt) != manifest.attempt:
                 raise CommitConflict(f"checkpoint store {self.tier.store.url!r}: step {step} was already committed "
                                      f"by another writer (attempt {theirs}); ours ({manifest.attempt}) is abandoned")

@@ -1,4 +1,5 @@
-"""A fake GCE metadata server and a stubbed VM for running startup/*.sh as an ordinary process.
+"""A stubbed VM for running startup/*.sh as an ordinary process, against the local Spot cloud's fake
+metadata server (harness/chaos/metadata.py).
 
 The scripts run for real: bash, curl against the fake server, files written under a temp SPOT_ROOT.
 Only the commands with effects on the machine are stubs (tests/startup/stubs, first on PATH); each
@@ -11,70 +12,16 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from harness.chaos.metadata import FakeMetadata
+from harness.chaos.systemctl import parse_exec_start
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_SH = REPO / "startup" / "startup.sh"
 SHUTDOWN_SH = REPO / "startup" / "shutdown.sh"
 STUBS = Path(__file__).resolve().parent / "stubs"
-
-
-class FakeMetadata:
-    """computeMetadata/v1 on a loopback port: instance attributes and instance/preempted.
-
-    A request without `Metadata-Flavor: Google` gets 403, an unknown path 404, as on GCE.
-    """
-
-    def __init__(self) -> None:
-        self.attributes: dict[str, str] = {}
-        self.preempted = "FALSE"
-        self.requests: list[str] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                fake.requests.append(self.path)
-                if self.headers.get("Metadata-Flavor") != "Google":
-                    self._answer(403, "Missing Metadata-Flavor:Google header.")
-                    return
-                path = self.path.split("?", 1)[0]
-                prefix = "/computeMetadata/v1/instance/"
-                key = path[len(prefix) :] if path.startswith(prefix) else None
-                if key == "preempted":
-                    self._answer(200, fake.preempted)
-                elif key and key.startswith("attributes/") and key[len("attributes/") :] in fake.attributes:
-                    self._answer(200, fake.attributes[key[len("attributes/") :]])
-                else:
-                    self._answer(404, "not found")
-
-            def _answer(self, code: int, body: str) -> None:
-                data = body.encode()
-                self.send_response(code)
-                self.send_header("Metadata-Flavor", "Google")
-                self.send_header("Content-Type", "application/text")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def parse_exec_start(value: str) -> list[str]:
-    """argv from the value of an ExecStart= line that startup.sh wrote (the format in startup/README.md)."""
-    return [token.replace("$$", "$").replace("%%", "%") for token in shlex.split(value)]
 
 
 @dataclass

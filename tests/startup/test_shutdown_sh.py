@@ -123,3 +123,33 @@ def test_an_unreachable_metadata_server_does_not_stop_the_wait(vm: Vm, tmp_path:
     assert elapsed < 5.0
     assert KILL in vm.calls("systemctl")
     assert "marker appeared" in result.stderr
+
+
+def test_a_marker_the_trainer_wrote_just_before_the_script_started_counts(vm: Vm, tmp_path: Path):
+    # The trainer's metadata watcher can see `preempted` and save before this script gets going.
+    marker = tmp_path / "PREEMPTED"
+    marker.write_text("step=60\n")
+
+    result, elapsed = shutdown(vm, SPOT_MARKER=str(marker), SPOT_SHUTDOWN_DEADLINE_S="20")
+
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 5.0, elapsed
+    assert "marker appeared" in result.stderr
+
+
+def test_returns_when_the_trainer_exits_without_a_marker(vm: Vm, tmp_path: Path):
+    # A node without global rank 0 (which writes the marker), or a trainer that died: nothing left to wait for.
+    stubs, stopped = tmp_path / "stubs", tmp_path / "stopped"
+    stubs.mkdir()
+    (stubs / "systemctl").write_text(f'#!/usr/bin/env bash\n[[ $1 == is-active && -e {stopped} ]] && exit 3\nexit 0\n')
+    (stubs / "systemctl").chmod(0o755)
+    timer = threading.Timer(0.5, stopped.touch)
+    timer.start()
+
+    result, elapsed = shutdown(vm, SPOT_MARKER=str(tmp_path / "PREEMPTED"), SPOT_SHUTDOWN_DEADLINE_S="20",
+                               PATH=f"{stubs}:{vm.base_env()['PATH']}")
+    timer.join()
+
+    assert result.returncode == 0, result.stderr
+    assert 0.4 < elapsed < 5.0, elapsed
+    assert "exited after" in result.stderr and "without a marker" in result.stderr

@@ -1,0 +1,283 @@
+"""The local Spot cloud: an on-demand coordinator VM that hosts the rendezvous store, a managed group
+of Spot worker VMs that train, and a shared bucket (fake-gcs-server), all on this machine.
+
+The cloud boots the VMs (startup.sh does the rest, as on GCP), tails the trainers' sample audit, and
+replays the preemption schedule the GCP way: at T the VM's `instance/preempted` turns TRUE and its
+shutdown script runs (which SIGTERMs the trainer); the VM stops when its shutdown is done, or is
+killed outright at T + notice_s, and its disks are gone. Like a MIG, the cloud recreates a stopped
+Spot VM (same name, blank disks) after `recreate_s`. It stops when the job has written its summary
+and every trainer has exited, or at `max_duration_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from harness.chaos.audit import AuditTail
+from harness.chaos.gcs import FakeGCSServer, free_port
+from harness.chaos.schedule import Preemption
+from harness.chaos.vm import Vm, VmSpec
+from harness.telemetry.ledger import read_ledger
+
+BUCKET = "chaos-bucket"
+# A VM image holds compiled bytecode; a cache outside the venv (which stays untouched) stands in for it.
+PYCACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spot-harness" / "pycache"
+SHUTDOWN_CHECK_S = 0.25  # how often a preempted VM is asked whether its shutdown is done
+FINISH_GRACE_S = 60.0  # after the summary appears, how long trainers get to exit
+
+
+@dataclass
+class Event:
+    t: float
+    kind: str  # boot | recreate | up | preempt | missed | off | boot_failed | finished | timeout
+    vm: str
+    detail: str = ""
+
+
+@dataclass
+class Outcome:
+    """What happened, for the report."""
+
+    start: float  # the worker VMs' first boot
+    end: float
+    clock: float | None  # time of the first completed step: where the schedule's times start
+    finished: bool
+    events: list[Event]
+    audit: AuditTail
+    summary: dict[str, Any] | None
+    ledger: list[dict[str, Any]]
+    schedule: list[Preemption]
+    logs: Path
+    world_size: int
+
+
+@dataclass
+class Slot:
+    """A VM name that the cloud keeps filled (one MIG instance, or the coordinator)."""
+
+    spec: VmSpec
+    vm: Vm | None = None
+    boots: int = 0
+    state: str = "down"  # booting | up | preempted | down
+    since: float = 0.0
+    recreate_at: float | None = None
+    next_check: float = 0.0
+
+
+@dataclass
+class Cloud:
+    cfg: DictConfig  # the composed config; `chaos.*` drives the cloud
+    out: Path
+    job_overrides: list[str]  # Hydra overrides of the training job, as every VM's metadata carries them
+    schedule: list[Preemption]
+    events: list[Event] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.chaos = self.cfg.chaos
+        self.out = self.out.resolve()
+        self.tag = uuid.uuid4().hex[:8]
+        self.audit = AuditTail()
+        self.run_id = str(self.chaos.name)
+        self.rdzv_port = free_port()
+        self.world_size = int(self.chaos.topology.workers) * int(self.chaos.topology.nproc_per_worker)
+
+    # ------------------------------------------------------------------ topology
+
+    def _worker_spec(self, index: int) -> VmSpec:
+        workers, nproc = int(self.chaos.topology.workers), int(self.chaos.topology.nproc_per_worker)
+        overrides = [*self.job_overrides, *self._forced_overrides()]
+        bad = [o for o in overrides if not o or any(c.isspace() for c in o)]
+        if bad:
+            raise ValueError(f"training overrides travel space-separated in VM metadata; these hold spaces: {bad}")
+        return VmSpec(f"worker-{index}", "worker", spot=True, attributes={
+            "spot-role": "worker",
+            "spot-rdzv-endpoint": f"127.0.0.1:{self.rdzv_port}",
+            "spot-bucket": BUCKET,
+            "spot-run-id": self.run_id,
+            "spot-nnodes": f"{workers}:{workers}",
+            "spot-nproc-per-node": str(nproc),
+            "spot-health-port": str(free_port()),
+            "spot-hydra-overrides": " ".join(overrides),
+        })
+
+    def _forced_overrides(self) -> list[str]:
+        """What the simulation needs of every trainer: the audit it observes, restarts that outlast any
+        number of preemptions, an agent that never hosts the store and notices dead peers fast, an
+        emergency save that fits the notice, and the baseline trainer's own settings."""
+        rdzv = ("is_host=False,keep_alive_interval=1,keep_alive_max_attempt=3,"
+                f"join_timeout={int(self.chaos.max_duration_s)}")
+        return [
+            "train.audit_samples=true",
+            "launch.max_restarts=1000",
+            f"launch.rdzv_conf='{rdzv}'",
+            f"launch.module={self.chaos.trainer}",
+            f"preemption.deadline_s={max(1.0, float(self.chaos.notice_s) - 1.0)}",
+            *(f"chaos.baseline.{key}={value}" for key, value in self.chaos.baseline.items()),
+        ]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> Outcome:
+        gcs = FakeGCSServer(workdir=self.out / "gcs").start()
+        gcs.make_bucket(BUCKET)
+        self.env = {"STORAGE_EMULATOR_HOST": gcs.host, "PYTHONPYCACHEPREFIX": str(PYCACHE)}
+        coordinator = Slot(VmSpec("coordinator", "coordinator", spot=False, attributes={
+            "spot-role": "coordinator", "spot-rdzv-endpoint": f"127.0.0.1:{self.rdzv_port}"}))
+        workers = [Slot(self._worker_spec(i)) for i in range(int(self.chaos.topology.workers))]
+        try:
+            self._boot(coordinator, time.time())
+            self._wait_for_port(self.rdzv_port, float(self.chaos.boot_timeout_s))
+            start = time.time()  # the job's wall time starts with its VMs; the coordinator is infrastructure
+            for i, slot in enumerate(workers):
+                # VMs never start in the same instant; worker-0 first also makes its agent the first in the
+                # rendezvous order (global rank 0), as worker-0's hostname would on GCP.
+                time.sleep(float(self.chaos.boot_stagger_s) if i else 0.0)
+                self._boot(slot, time.time())
+            finished, summary, clock = self._loop(workers, start)
+            ledger = self._read_ledger(gcs.host)
+            (self.out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger))
+        finally:
+            for slot in [*workers, coordinator]:
+                if slot.vm is not None:
+                    slot.vm.delete()
+            gcs.close()
+        return Outcome(start, time.time(), clock, finished, self.events, self.audit, summary, ledger,
+                       self.schedule, self.out / "logs", self.world_size)
+
+    def _loop(self, workers: list[Slot], start: float) -> tuple[bool, dict | None, float | None]:
+        pending = list(self.schedule)
+        clock: float | None = None
+        summary_seen: float | None = None
+        poll_s, deadline = float(self.chaos.poll_s), start + float(self.chaos.max_duration_s)
+        while True:
+            now = time.time()
+            for slot in workers:
+                self._tend(slot, now)
+            if clock is None:
+                clock = self.audit.first_step_time()
+            while clock is not None and summary_seen is None and pending and clock + pending[0].at_s <= now:
+                self._preempt(workers[pending.pop(0).vm], now)
+            if summary_seen is None and self._summary(workers) is not None:
+                summary_seen = now
+                self._event(now, "finished", "job", "summary.json written")
+            if summary_seen is not None and (
+                    all(s.vm is not None and s.vm.trainer_finished() for s in workers)
+                    or now > summary_seen + FINISH_GRACE_S):
+                return True, self._summary(workers), clock
+            if now > deadline:
+                self._event(now, "timeout", "job", f"chaos.max_duration_s={self.chaos.max_duration_s} reached")
+                return False, None, clock
+            time.sleep(poll_s)
+
+    def _tend(self, slot: Slot, now: float) -> None:
+        """Advance one worker slot: notice its boot, tail its audit, power it off, recreate it."""
+        vm = slot.vm
+        if vm is not None:
+            self.audit.poll(self._label(slot), vm.run_dir, now)
+        if slot.state == "booting" and vm is not None and (code := vm.booted()) is not None:
+            if code == 0:
+                self._event(now, "up", slot.spec.name, f"startup.sh done in {now - slot.since:.1f}s")
+                slot.state, slot.since = "up", now
+            else:
+                self._event(now, "boot_failed", slot.spec.name, f"startup.sh exited {code}; see {vm.logs}")
+                self._power_off(slot, now, "boot failed")
+        elif slot.state == "preempted" and vm is not None and now >= slot.next_check:
+            slot.next_check = now + SHUTDOWN_CHECK_S
+            hard_stop = now >= slot.since + float(self.chaos.notice_s)
+            if hard_stop or vm.shut_down():
+                how = "hard stop at the end of the notice" if hard_stop else "shutdown complete"
+                self._power_off(slot, now, f"{how}, {now - slot.since:.1f}s after the notice")
+        elif slot.state == "down" and slot.recreate_at is not None and now >= slot.recreate_at:
+            self._boot(slot, now)
+
+    def _boot(self, slot: Slot, now: float) -> None:
+        slot.boots += 1
+        name = slot.spec.name
+        slot.vm = Vm(slot.spec, self.out / "vms" / name, self.out / "logs" / name / f"boot-{slot.boots}",
+                     f"{self.tag}/{name}/{slot.boots}", self.env)
+        slot.vm.boot()
+        slot.state, slot.since, slot.recreate_at = "booting", now, None
+        self._event(now, "boot" if slot.boots == 1 else "recreate", name, f"boot {slot.boots}")
+        if not slot.spec.spot:
+            self._wait_booted(slot)
+
+    def _wait_booted(self, slot: Slot) -> None:
+        deadline = time.monotonic() + float(self.chaos.boot_timeout_s)
+        while slot.vm is not None and (code := slot.vm.booted()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if code != 0:
+            raise RuntimeError(f"{slot.spec.name}: startup.sh exited {code}; see {slot.vm.logs}/startup.log")
+        slot.state = "up"
+        self._event(time.time(), "up", slot.spec.name, "startup.sh done")
+
+    def _preempt(self, slot: Slot, now: float) -> None:
+        if slot.state not in ("booting", "up") or slot.vm is None:
+            self._event(now, "missed", slot.spec.name, f"preemption due while the VM is {slot.state}")
+            return
+        slot.vm.preempt(float(self.chaos.notice_s))
+        slot.state, slot.since, slot.next_check = "preempted", now, now + SHUTDOWN_CHECK_S
+        self._event(now, "preempt", slot.spec.name, f"notice {self.chaos.notice_s}s")
+
+    def _power_off(self, slot: Slot, now: float, why: str) -> None:
+        """The VM is gone: read its audit one last time, kill it, wipe its disks; the MIG recreates it."""
+        assert slot.vm is not None
+        slot.vm.kill()
+        self.audit.poll(self._label(slot), slot.vm.run_dir, time.time())
+        slot.vm.delete()
+        slot.vm = None
+        slot.state, slot.since = "down", now
+        slot.recreate_at = now + float(self.chaos.recreate_s)
+        self._event(now, "off", slot.spec.name, why)
+
+    # ------------------------------------------------------------------ observations
+
+    def _label(self, slot: Slot) -> str:
+        return f"{slot.spec.name}/boot-{slot.boots}"
+
+    def _summary(self, workers: list[Slot]) -> dict | None:
+        for slot in workers:
+            if slot.vm is not None and (path := slot.vm.run_dir / "summary.json").is_file():
+                try:
+                    return json.loads(path.read_text())
+                except (OSError, ValueError):
+                    return None
+        return None
+
+    def _read_ledger(self, gcs_host: str) -> list[dict[str, Any]]:
+        """The job's goodput ledger in the bucket (the checkpoint store's durable tier), when the trainer
+        keeps one; empty otherwise."""
+        previous = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = gcs_host
+        try:
+            return read_ledger(f"gs://{BUCKET}/runs/{self.run_id}/checkpoints/ledger")
+        except Exception:  # noqa: BLE001 - a missing or unreadable ledger only means no ledger breakdown
+            return []
+        finally:
+            if previous is None:
+                os.environ.pop("STORAGE_EMULATOR_HOST", None)
+            else:
+                os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+    def _event(self, t: float, kind: str, vm: str, detail: str = "") -> None:
+        self.events.append(Event(t, kind, vm, detail))
+        print(f"[chaos {t - (self.events[0].t if self.events else t):7.1f}s] {vm:12s} {kind:11s} {detail}", flush=True)
+
+    @staticmethod
+    def _wait_for_port(port: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the coordinator's rendezvous store did not listen on port {port} within {timeout_s}s")

@@ -1,0 +1,52 @@
+"""When each Spot VM is preempted: a seeded schedule, the same for every trainer it is replayed against.
+
+Each Spot VM slot gets its own Poisson process: exponential inter-arrival times with mean `mtbi_s`
+(the mean time between interruptions of one VM), from a generator seeded by (seed, slot), so a slot's
+preemptions do not depend on the horizon or on how many slots there are.
+Times count from the job's first completed step, so a slow boot does not shift preemptions out of
+the training. An explicit list (`[{vm: 0, at_s: 12.5}, ...]`) replaces the draw.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Preemption:
+    at_s: float  # seconds after the first completed step
+    vm: int  # Spot worker slot
+
+
+def exponential(slots: int, mtbi_s: float, horizon_s: float, seed: int) -> list[Preemption]:
+    """Every arrival before `horizon_s` of `slots` independent Poisson processes of mean gap `mtbi_s`."""
+    if mtbi_s <= 0:
+        raise ValueError(f"chaos.mtbi_s={mtbi_s} must be > 0")
+    out = []
+    for vm in range(slots):
+        rng = random.Random(f"chaos-{seed}-{vm}")
+        t = rng.expovariate(1.0 / mtbi_s)
+        while t < horizon_s:
+            out.append(Preemption(round(t, 3), vm))
+            t += rng.expovariate(1.0 / mtbi_s)
+    return sorted(out)
+
+
+def explicit(entries: Iterable[Mapping], slots: int) -> list[Preemption]:
+    out = []
+    for entry in entries:
+        vm, at_s = int(entry["vm"]), float(entry["at_s"])
+        if not 0 <= vm < slots or at_s < 0:
+            raise ValueError(f"chaos.preemptions: {dict(entry)} needs 0 <= vm < {slots} and at_s >= 0")
+        out.append(Preemption(at_s, vm))
+    return sorted(out)
+
+
+def build(cfg) -> list[Preemption]:
+    """The schedule of `chaos.*`: `preemptions` when given, else the seeded exponential draw."""
+    slots = int(cfg.topology.workers)
+    if cfg.get("preemptions"):
+        return explicit(cfg.preemptions, slots)
+    return exponential(slots, float(cfg.mtbi_s), float(cfg.max_duration_s), int(cfg.seed))
