@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+from harness.chaos.metadata import FakeMetadata
 from harness.preemption import PREEMPTED_EXIT_CODE
 from harness.telemetry.ledger import read_ledger
 from tests import runs
-from tests.fake_metadata import FakeMetadata
 
 CONFIG = ["train.max_steps=60", "checkpoint.interval_steps=20"]
 
