@@ -17,10 +17,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from harness import config, distributed
+from harness.batching import BatchPlan
 from harness.checkpoint.manager import CheckpointManager
 from harness.preemption import NoticeBoard
 from harness.state import TrainState, seed_everything
-from harness.train import BatchPlan, build, train_step
+from harness.train import build, train_step
 
 BLOCK = 30  # steps per block; blocks alternate with and without the agreement
 ROUNDS = 3
@@ -35,7 +36,7 @@ def main() -> None:
         dataset, model, optimizer = build(cfg, d)
         state = TrainState(model, optimizer, d.rank)
         ckpt = CheckpointManager(cfg.checkpoint, d)
-        plan, notices = BatchPlan.for_world(cfg, d.world_size), NoticeBoard(25.0)
+        plan, notices = BatchPlan.for_world(cfg.train, cfg.elastic, d.world_size), NoticeBoard(25.0)
 
         def block(agree: bool) -> float:
             distributed.any_rank(d, False)  # start together

@@ -8,6 +8,7 @@ keys (divisibility, ranges) live in `validate`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from harness.batching import BatchSplitError, check_every_world_size
 
 # The repo's conf/ in a checkout; on a VM the startup script points SPOT_CONF_DIR at the released copy.
 CONF_DIR = Path(os.environ.get("SPOT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -90,6 +93,7 @@ class TierConfig:
     every_seconds: float = 0.0  # ...or when this long has passed since the last promotion (0 = off)
     keep: int = 3
     ephemeral: bool = False
+    assumed_bandwidth_mb_s: float = 0.0  # before the first copy is measured; 0: checkpoint's value
 
 
 @dataclass
@@ -106,6 +110,10 @@ class CheckpointConfig:
     write_threads: int = 4
     remote_retry_s: float = 120.0  # how long transient errors of a remote tier (GCS) are retried
     mtbi_s: float = 3600.0  # expected mean time between interruptions, for interval_steps=auto
+    # A tier's speed before its first copy is measured: conservative, so an emergency save never
+    # counts on a promotion it cannot finish (also sizes the timeouts of a large restore).
+    assumed_bandwidth_mb_s: float = 50.0
+    list_retry_s: float = 60.0  # how long restore retries a tier that cannot be listed before failing
 
 
 @dataclass
@@ -214,12 +222,22 @@ def validate(cfg: DictConfig) -> None:
     if interval != "auto" and not (isinstance(interval, int) and not isinstance(interval, bool) and interval > 0):
         raise ConfigError(f"checkpoint.interval_steps={interval!r} must be a positive integer or 'auto'")
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("checkpoint.assumed_bandwidth_mb_s", cfg.checkpoint.assumed_bandwidth_mb_s)
+    _positive("checkpoint.list_retry_s", cfg.checkpoint.list_retry_s, zero_ok=True)
+    for i, tier in enumerate(cfg.checkpoint.slower_tiers):
+        _positive(f"checkpoint.slower_tiers[{i}].assumed_bandwidth_mb_s", tier.assumed_bandwidth_mb_s, zero_ok=True)
     one_of("checkpoint.if_busy", cfg.checkpoint.if_busy, ("wait", "skip"))
     one_of("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
     _positive("launch.nproc_per_node", cfg.launch.nproc_per_node)
     _positive("preemption.deadline_s", cfg.preemption.deadline_s)
     one_of("preemption.in_flight_step", cfg.preemption.in_flight_step, ("finish", "abandon"))
     one_of("elastic.lr_scaling", cfg.elastic.lr_scaling, ("none", "linear", "sqrt"))
+    if not re.fullmatch(r"\d+(:\d+)?", str(cfg.launch.nnodes)):
+        raise ConfigError(f"launch.nnodes={cfg.launch.nnodes!r} must be 'N' or 'MIN:MAX'")
+    try:
+        check_every_world_size(cfg.train, cfg.elastic, cfg.launch)
+    except BatchSplitError as err:
+        raise ConfigError(str(err)) from None
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
     if not str(cfg.model.get("_target_", "")):

@@ -63,13 +63,18 @@ def init(device_setting: str, timeout_s: float = 300.0) -> Dist:
     )
 
 
-def any_rank(d: Dist, *flags: bool) -> list[bool]:
-    """For each flag, whether any rank has it set: one all-reduce of a few ints."""
+def max_over_ranks(d: Dist, *values: float) -> list[float]:
+    """Each value's maximum over all ranks: one all-reduce of a few numbers (the step agreement)."""
     if not d.enabled:
-        return list(flags)
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=d.device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return t.tolist()
+
+
+def any_rank(d: Dist, *flags: bool) -> list[bool]:
+    """For each flag, whether any rank has it set."""
+    return [v > 0 for v in max_over_ranks(d, *map(float, flags))]
 
 
 def all_gather_object(d: Dist, obj: Any, group: Any = None) -> list[Any]:

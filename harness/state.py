@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,23 +28,41 @@ class Progress:
     wandb_run_id: str = ""
 
 
-def capture_rng() -> bytes:
+def capture_rng(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Every generator's state as plain tensors (no pickle: a checkpoint must never be code). CUDA's
+    generator is the rank's own device only: after a restart the same rank may sit on another GPU."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python_mt": torch.tensor(mt, dtype=torch.int64),
+        "python_extra": torch.tensor([version, gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_extra": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    return pickle.dumps(state)
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def restore_rng(blob: bytes) -> None:
-    state = pickle.loads(blob)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+    version, has_gauss_next, gauss_next = state["python_extra"].tolist()
+    mt = tuple(int(v) for v in state["python_mt"].tolist())
+    random.setstate((int(version), mt, gauss_next if has_gauss_next else None))
+    pos, has_gauss, cached = state["numpy_extra"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def json_tensor(obj: Any) -> torch.Tensor:
+    """Plain JSON as a uint8 tensor: DCP stores it as a tensor, so loading it unpickles nothing."""
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def tensor_json(t: torch.Tensor) -> Any:
+    return json.loads(bytes(t.numpy().tobytes()).decode())
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -59,32 +76,52 @@ def seed_everything(seed: int, rank: int) -> None:
 class TrainState:
     """The full state a resume needs, in DCP's terms."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int):
+    # Entries whose size changes between saves: restore allocates them at the saved size.
+    VARIABLE_SIZE = ("progress",)
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+                 device: torch.device | None = None):
         self.model = model
         self.optimizer = optimizer
         self.rank = rank
+        self.device = device
         self.progress = Progress()
+        self._boundary_rng: dict[str, torch.Tensor] | None = None
 
     @property
     def rng_key(self) -> str:
         return f"rng_rank{self.rank}"
+
+    def is_other_ranks(self, key: str) -> bool:
+        """A checkpoint entry that belongs to another rank (its RNG): not this rank's to load."""
+        head = key.split(".", 1)[0]
+        return head.startswith("rng_rank") and head != self.rng_key
 
     def to_dcp(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {
             "model": model_sd,
             "optim": optim_sd,
-            "progress": json.dumps(asdict(self.progress)),
-            self.rng_key: capture_rng(),
+            "progress": json_tensor(asdict(self.progress)),
+            self.rng_key: capture_rng(self.device),
         }
+
+    def mark_step_boundary(self) -> None:
+        """Remember the RNG at the start of a step, so a step abandoned half-way (in_flight_step=abandon)
+        can put it back: the save then holds the boundary's RNG and the redone step draws the same masks."""
+        self._boundary_rng = capture_rng(self.device)
+
+    def rewind_to_step_boundary(self) -> None:
+        if self._boundary_rng is not None:
+            restore_rng(self._boundary_rng, self.device)
 
     def load_dcp_state(self, loaded: dict[str, Any]) -> None:
         set_state_dict(
             self.model, self.optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"]
         )
-        self.progress = Progress(**json.loads(loaded["progress"]))
+        self.progress = Progress(**tensor_json(loaded["progress"]))
         if self.rng_key in loaded:
-            restore_rng(loaded[self.rng_key])
+            restore_rng(loaded[self.rng_key], self.device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

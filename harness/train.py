@@ -1,16 +1,19 @@
 """Entry point: `python -m harness.train [hydra overrides]`, alone or under torchrun.
 
-The loop: restore the newest verified checkpoint, then for each step take this step's global batch
-by sample index, accumulate gradients over micro-batches, clip, step; at each step boundary all
-ranks agree (one tiny collective) whether any rank holds a preemption notice or a busy checkpoint
-writer; save on cadence; on a notice, save within the deadline and exit with the "preempted" code.
+The loop: restore the newest verified checkpoint, then at each step boundary all ranks agree (one
+tiny collective, `Boundary`) on everything that changes what a collective does: a preemption notice
+on any rank, a busy checkpoint writer, a stale-writer stop, and rank 0's cadence decision to save;
+then take this step's global batch by sample index, accumulate gradients over micro-batches, clip,
+step. On a notice: save within the deadline and exit with the "preempted" code.
+
+Exit codes: 0 finished, 75 preempted (state durable: restart me), 2 bad config or a store another
+writer owns, 69 a store that cannot be reached right now (restartable).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import sys
@@ -27,7 +30,10 @@ from rich.console import Console
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from harness import config, distributed
-from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint
+from harness.batching import BatchPlan, BatchSplitError
+from harness.cadence import Cadence
+from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, TierUnavailable
+from harness.checkpoint.manifest import CorruptCheckpoint
 from harness.checkpoint.store import CommitConflict, StoreError
 from harness.data import make_batch, rank_indices
 from harness.goodput import report as goodput_table
@@ -35,57 +41,14 @@ from harness.optim import build_optimizer, lr_at, set_lr
 from harness.preemption import PREEMPTED_EXIT_CODE, NoticeBoard
 from harness.preemption.health import Health, serve
 from harness.preemption.metadata import MetadataWatcher
+from harness.preemption.notice import PREEMPTED_MARKER
 from harness.progress import ProgressDisplay
 from harness.state import TrainState, model_sha256, seed_everything, unwrap
 from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
-from harness.telemetry.interval import AdaptiveInterval
 
 log = logging.getLogger("harness")
-MARKER = "PREEMPTED"
-AUTO_INITIAL_INTERVAL = 50  # checkpoint.interval_steps=auto starts here, then follows Young/Daly
-
-
-@dataclass
-class BatchPlan:
-    """How one global batch is split across ranks and micro-batches at this world size."""
-
-    global_batch: int
-    micro_batch: int
-    grad_accum: int
-    lr_scale: float = 1.0
-
-    @classmethod
-    def for_world(cls, cfg: DictConfig, world_size: int) -> BatchPlan:
-        B = cfg.train.global_batch_size
-        if B % world_size:
-            return cls._rescaled(cfg, world_size)
-        share = B // world_size
-        if cfg.train.grad_accum:
-            accum = cfg.train.grad_accum
-        elif cfg.train.micro_batch_size:
-            accum = math.ceil(share / cfg.train.micro_batch_size)
-        else:
-            accum = 1
-        if share % accum:
-            raise config.ConfigError(
-                f"train.global_batch_size={B} over {world_size} ranks gives {share} samples per rank, "
-                f"not divisible into train.grad_accum={accum} micro-batches"
-            )
-        return cls(B, share // accum, accum)
-
-    @classmethod
-    def _rescaled(cls, cfg: DictConfig, world_size: int) -> BatchPlan:
-        """Global batch not divisible by the world size: round down and scale the LR as configured."""
-        rule = cfg.elastic.lr_scaling
-        B = (cfg.train.global_batch_size // world_size) * world_size
-        if B == 0:
-            raise config.ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} < world size {world_size}")
-        ratio = B / cfg.train.global_batch_size
-        scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
-        log.warning("global batch %d not divisible by world size %d: using %d, lr x%.3f (elastic.lr_scaling=%s)",
-                    cfg.train.global_batch_size, world_size, B, scale, rule)
-        return cls(B, B // world_size, 1, scale)
+UNAVAILABLE_EXIT_CODE = 69  # EX_UNAVAILABLE: a store cannot be reached now; the unit restarts it
 
 
 def build(cfg: DictConfig, d: distributed.Dist):
@@ -107,6 +70,7 @@ def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d,
     for micro in range(plan.grad_accum):
         if micro and cfg.preemption.in_flight_step == "abandon" and distributed.any_rank(d, notices.pending)[0]:
             optimizer.zero_grad(set_to_none=True)
+            state.rewind_to_step_boundary()
             return None
         part = indices[micro * plan.micro_batch : (micro + 1) * plan.micro_batch]
         x, y = (t.to(d.device) for t in make_batch(dataset, part))
@@ -160,8 +124,8 @@ def run(cfg: DictConfig) -> int:
                               node=f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', 0)}",
                               ledger_location=f"{ckpt.tiers[-1].store.url}/ledger")
         tel.event(ev.RENDEZVOUS_DONE, world_size=d.world_size)
-        job = Job(cfg, d, model, optimizer, dataset, TrainState(model, optimizer, d.rank), ckpt, notices, health,
-                  tel)
+        job = Job(cfg, d, model, optimizer, dataset, TrainState(model, optimizer, d.rank, d.device), ckpt,
+                  notices, health, tel)
         restore(job)
         code = loop(job)
         health.set_phase("preempted" if code == PREEMPTED_EXIT_CODE else "finished")
@@ -195,32 +159,65 @@ def restore(job: Job) -> None:
     if job.dist.is_main:
         run_dir = Path(job.cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / MARKER).unlink(missing_ok=True)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(job.cfg))
+
+
+@dataclass
+class Boundary:
+    """What every rank agreed at a step boundary: the maximum over ranks of a few numbers."""
+
+    preempt: bool  # some rank holds a notice
+    writer_busy: bool  # some rank's previous save is still being written
+    stop: bool  # some rank learned that another writer owns the store
+    save: bool  # rank 0's cadence says save now
+    blocking_s: float  # the slowest rank's blocking time of the previous save (-1: none since)
+
+    @classmethod
+    def agree(cls, job: Job, save_due: bool, blocking_s: float) -> Boundary:
+        preempt, busy, stop, save, blocking = distributed.max_over_ranks(
+            job.dist, job.notices.pending, job.ckpt.busy, job.ckpt.conflict is not None, save_due, blocking_s)
+        return cls(preempt > 0, busy > 0, stop > 0, save > 0, blocking)
 
 
 def loop(job: Job) -> int:
     cfg, d, state = job.cfg, job.dist, job.state
-    plan = BatchPlan.for_world(cfg, d.world_size)
+    plan = BatchPlan.for_world(cfg.train, cfg.elastic, d.world_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
     display = ProgressDisplay(cfg.train.max_steps, state.progress.step, enabled=d.is_main,
                               log_interval=cfg.train.log_interval)
-    auto = cfg.checkpoint.interval_steps == "auto"
-    interval = AdaptiveInterval(cfg.train.max_steps, AUTO_INITIAL_INTERVAL) if auto else None
-    every = AUTO_INITIAL_INTERVAL if auto else cfg.checkpoint.interval_steps
+    cadence = Cadence(cfg.checkpoint.interval_steps, cfg.train.max_steps, state.progress.step)
     audit = open_audit(cfg, d) if cfg.train.audit_samples else None
+    rewindable = cfg.preemption.in_flight_step == "abandon" and plan.grad_accum > 1
     tokens_per_step = plan.global_batch * cfg.data.block_size
     job.health.set_phase("training")
     job.model.train()
+    blocking_s, seconds = -1.0, 0.0
     while True:
-        preempt, writer_busy = distributed.any_rank(d, job.notices.pending, job.ckpt.busy)
-        if preempt:
+        step = state.progress.step
+        due = d.is_main and step != job.ckpt.last_committed and cadence.due(step)
+        agreed = Boundary.agree(job, due, blocking_s)
+        if agreed.stop:  # a newer incarnation owns the store: this one is stale and must not go on
+            raise job.ckpt.conflict or CommitConflict(job.ckpt.first.url, step, job.ckpt.incarnation,
+                                                      "reported by another rank")
+        if agreed.preempt:
             return emergency_exit(job)
-        if state.progress.step >= cfg.train.max_steps:
+        if d.is_main and agreed.blocking_s >= 0 and (every := cadence.observe(agreed.blocking_s, seconds,
+                                                                               job.tel.mtbi_s())):
+            job.tel.event(ev.INTERVAL_CHANGE, interval_steps=every)
+        blocking_s = -1.0
+        if agreed.save:
+            report = job.ckpt.save(step, state, skip=agreed.writer_busy and cfg.checkpoint.if_busy == "skip")
+            job.tel.event(ev.CKPT_BLOCK, step=step, seconds=report.seconds, skipped=not report.ok)
+            blocking_s = report.seconds if report.ok else -1.0
+            cadence.saved(step)
+        if step >= cfg.train.max_steps:
             break
+        if rewindable:
+            state.mark_step_boundary()
         t0 = time.perf_counter()
         loss = train_step(job.model, job.optimizer, job.dataset, plan, state, d, cfg, job.notices, autocast, audit)
-        if loss is None:  # abandoned on a notice: the state is the last completed step
+        if loss is None:  # abandoned on a notice: the state (RNG included) is the last completed step
             continue
         step, seconds = state.progress.step, time.perf_counter() - t0
         job.health.step_done(step)
@@ -230,19 +227,12 @@ def loop(job: Job) -> int:
             metrics = {"loss": loss, "lr": job.optimizer.param_groups[0]["lr"], "world_size": d.world_size,
                        "tokens_per_s": tokens_per_step / seconds}
         job.tel.on_step(step, seconds, metrics)
-        if step % every == 0 or step == cfg.train.max_steps:
-            report = job.ckpt.save(step, state, skip=writer_busy and cfg.checkpoint.if_busy == "skip")
-            job.tel.event(ev.CKPT_BLOCK, step=step, seconds=report.seconds, skipped=not report.ok)
-            if interval:
-                previous, every = every, interval.update(report.seconds, seconds, job.tel.mtbi_s())
-                if every != previous:
-                    job.tel.event(ev.INTERVAL_CHANGE, interval_steps=every, previous=previous)
         for report in job.ckpt.drain_reports():
             if not report.ok:
                 log.warning("checkpoint %s of step %d on %s failed: %s", report.kind, report.step, report.tier,
                             report.detail)
-        if job.ckpt.conflict:  # a newer incarnation owns the store: this one is stale and must not go on
-            raise job.ckpt.conflict
+                if report.kind == "commit":
+                    cadence.failed()
     display.close()
     return 0
 
@@ -256,23 +246,24 @@ def open_audit(cfg, d):
 
 def emergency_exit(job: Job) -> int:
     """All ranks agreed a notice is pending: save the last completed step within the deadline, leave the
-    marker the shutdown script waits on, exit with the preempted code."""
+    marker the shutdown script waits on (saying on which tier the step is committed, and `ok: false`
+    when it is not durable), exit with the preempted code."""
     job.health.set_phase("saving")
     notice, step = job.notices.notice, job.state.progress.step
     source = notice.source if notice else "another rank"
     log.warning("preemption notice (%s): emergency checkpoint at step %d", source, step)
     job.tel.event(ev.PREEMPTION_NOTICE, source=source, step=step)
-    report = job.ckpt.save_now(step, job.state, max(1.0, job.notices.seconds_left()))
+    report = job.ckpt.save_now(step, job.state, max(1.0, job.notices.seconds_left()))  # collective
     job.tel.event(ev.EMERGENCY_SAVE, step=step, seconds=report.seconds, tier=report.tier, ok=report.ok)
-    distributed.any_rank(job.dist, False)  # every rank's part is durable before the marker says so
     if job.dist.is_main:
         marker = {"step": report.step, "tier": report.tier, "seconds": round(report.seconds, 3),
                   "source": source, "ok": report.ok}
         run_dir = Path(job.cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / MARKER).write_text(json.dumps(marker) + "\n")
-        print(f"preempted: step {report.step} saved to {report.tier} in {report.seconds:.2f}s; "
-              f"exit {PREEMPTED_EXIT_CODE} (restart to resume)", flush=True)
+        (run_dir / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
+        print(f"preempted: step {report.step} saved to {report.tier or 'no tier'} in {report.seconds:.2f}s "
+              f"({'durable' if report.ok else 'NOT durable'}); exit {PREEMPTED_EXIT_CODE} (restart to resume)",
+              flush=True)
     return PREEMPTED_EXIT_CODE
 
 
@@ -307,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(cfg)
-    except (config.ConfigError, StoreError, CheckpointMismatch, NoUsableCheckpoint, CommitConflict) as err:
+    except TierUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return UNAVAILABLE_EXIT_CODE
+    except (config.ConfigError, BatchSplitError, StoreError, CheckpointMismatch, NoUsableCheckpoint,
+            CorruptCheckpoint) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

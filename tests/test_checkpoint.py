@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint
 from harness.checkpoint.manifest import MANIFEST
 from harness.checkpoint.store import LocalStore, step_dirname
+from harness.config import CheckpointConfig
 from harness.distributed import Dist
 from harness.models.gpt import GPT
 from harness.optim import build_optimizer
@@ -30,7 +31,7 @@ def ckpt_cfg(tmp_path, **over):
             "staging_dir": str(tmp_path / "staging"), "scratch_dir": str(tmp_path / "scratch"),
             "write_threads": 2, "remote_retry_s": 10.0}
     base.update(over)
-    return OmegaConf.create(base)
+    return OmegaConf.merge(OmegaConf.structured(CheckpointConfig), base)  # the shipped defaults for the rest
 
 
 def make_state(n_layer: int = 2, seed: int = 0) -> TrainState:
@@ -233,6 +234,7 @@ PROBE = """
 import sys, torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
 from harness import config, distributed
+from harness.config import CheckpointConfig
 from harness.checkpoint.manager import CheckpointManager
 from harness.state import TrainState
 from harness.train import build

@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 
 from harness import config, distributed
+from harness.batching import BatchPlan
 from harness.checkpoint.gcs import GCSStore, parse_gs_url
 from harness.preemption import NoticeBoard
 from harness.state import Progress, TrainState, model_sha256, seed_everything, unwrap
 from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
-from harness.train import BatchPlan, build, open_audit, train_step
+from harness.train import build, open_audit, train_step
 
 log = logging.getLogger("harness.baseline")
 
@@ -133,7 +134,7 @@ def run(cfg) -> int:
     tel.event(ev.RESTORE_START)
     ckpt.restore(state, d)
     tel.event(ev.RESTORE_END, step=state.progress.step)
-    plan = BatchPlan.for_world(cfg, d.world_size)
+    plan = BatchPlan.for_world(cfg.train, cfg.elastic, d.world_size)
     audit = open_audit(cfg, d) if cfg.train.audit_samples else None
     never = NoticeBoard(cfg.preemption.deadline_s)  # the baseline installs no handler: nothing records a notice
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()

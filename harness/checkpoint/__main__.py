@@ -1,9 +1,12 @@
 """What the user sees of their checkpoints:
 
-    python -m harness.checkpoint list <store> [<store> ...]     every checkpoint: step, size, age, status
+    python -m harness.checkpoint list <store> [<store> ...]     every checkpoint: step, size, age, status,
+                                                                and the quarantined ones with their reason
     python -m harness.checkpoint verify <store> [step]          full CRC32C check of one (default: newest)
+    python -m harness.checkpoint purge-quarantine <store>       delete the quarantined checkpoints
 
 A store is a local path or gs://bucket/prefix (`make checkpoints STORE=...`). Exit 1 if a verification fails.
+Nothing here deletes a checkpoint except purge-quarantine, on request.
 """
 
 from __future__ import annotations
@@ -48,7 +51,22 @@ def list_stores(urls: Sequence[str], console: Console) -> int:
             bad += status != "ok"
             table.add_row(str(step), f"{size / 1e6:.1f} MB", _age(time.time() - created) if created else "-", status)
         console.print(table)
+        if quarantined := store.quarantined():
+            held = Table(title=f"{url}: quarantined (kept until `purge-quarantine`)")
+            for column in ("step", "when", "reason", "where"):
+                held.add_column(column)
+            for q in quarantined:
+                r = q.reason
+                held.add_row(str(r.get("step", "?")), str(r.get("when", "-")),
+                             str(r.get("reason", "(no reason recorded)")), q.where)
+            console.print(held)
     return 1 if bad else 0
+
+
+def purge_quarantine(url: str, console: Console) -> int:
+    gone = open_store(url).purge_quarantine()
+    console.print(f"{url}: removed {len(gone)} quarantined checkpoint(s)" + (": " + ", ".join(gone) if gone else ""))
+    return 0
 
 
 def verify(url: str, step: int | None, console: Console) -> int:
@@ -73,11 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("verify", help="verify one checkpoint (default: the newest)")
     check.add_argument("store")
     check.add_argument("step", nargs="?", type=int)
+    sub.add_parser("purge-quarantine", help="delete a store's quarantined checkpoints").add_argument("store")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(width=200)
     try:
         if args.command == "list":
             return list_stores(args.stores, console)
+        if args.command == "purge-quarantine":
+            return purge_quarantine(args.store, console)
         return verify(args.store, args.step, console)
     except StoreError as err:
         console.print(f"error: {err}")

@@ -3,7 +3,9 @@
 Layout under the prefix:
     step_000000100/<attempt>/<file>   one save attempt's files: racing writers never share an object
     step_000000100/manifest.json      the commit, written last and only if absent (ifGenerationMatch=0)
-    latest                            {"step": N}, a hint for people and tools; never moved backwards
+    latest                            {"step": N}, a hint for people and tools; moved back only by quarantine
+    quarantine/step_000000100-<time>-<id>/   a quarantined checkpoint: its manifest, its attempt's
+                                      objects and reason.json (the step itself is uncommitted)
 GCS has no rename, so the commit has to be a single object write; the precondition makes the first
 writer win and every later one get a CommitConflict.
 """
@@ -36,7 +38,18 @@ from google.cloud.storage.exceptions import DataCorruption
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from harness.checkpoint.manifest import MANIFEST, CorruptCheckpoint, FileEntry, Manifest
-from harness.checkpoint.store import STEP_DIR, CommitConflict, Store, StoreError, step_dirname
+from harness.checkpoint.store import (
+    QUARANTINE,
+    REASON,
+    STEP_DIR,
+    CommitConflict,
+    Quarantined,
+    Store,
+    StoreError,
+    Transfer,
+    quarantine_name,
+    step_dirname,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -258,34 +271,39 @@ class GCSStore(Store):
                 raise CorruptCheckpoint(where, f"crc32c {actual}, manifest says {expected.crc32c}")
         return manifest
 
-    def put_committed(self, step: int, src_dir: Path, manifest: Manifest) -> None:
+    def put_committed(self, step: int, src_dir: Path, manifest: Manifest, transfer: Transfer | None = None) -> None:
         """Upload the files in parallel into this attempt's folder, then commit with the manifest.
         Any failure raises StoreError before the manifest is written, so nothing half-done is committed."""
-        folder = self._attempt_folder(step, manifest)
-        with self._failing_as(f"uploading step {step} (nothing committed)"):
-            self._parallel(
-                lambda name: self._upload(src_dir / name, self._name(folder + name), manifest.files[name]),
-                sorted(manifest.files),
-            )
-        self._commit_and_advance(step, manifest)
+        transfer = transfer or Transfer()
+        self._upload_all(step, src_dir, manifest, sorted(manifest.files), transfer)
+        transfer.check(f"checkpoint store {self.url!r}: commit of step {step}")
+        self._commit_and_advance(step, manifest, transfer)
 
-    def put_share(self, step: int, src_dir: Path, manifest: Manifest) -> bool:
+    def _upload_all(self, step: int, src_dir: Path, manifest: Manifest, names: list[str], transfer: Transfer) -> None:
+        folder = self._attempt_folder(step, manifest)
+
+        def upload(name: str) -> None:
+            transfer.check(f"checkpoint store {self.url!r}: upload of step {step}")
+            self._upload(src_dir / name, self._name(folder + name), manifest.files[name], transfer)
+
+        with self._failing_as(f"uploading step {step} (nothing committed)"):
+            self._parallel(upload, names)
+
+    def put_share(self, step: int, src_dir: Path, manifest: Manifest, transfer: Transfer | None = None) -> bool:
         """One node's part of a multi-node checkpoint (each node's disk holds only its own ranks'
         files): upload the manifest's files that src_dir holds into the attempt's folder, then commit
         once the folder holds every file. Each node lists after its own upload, so the last one to
         finish sees all the files and commits; a repeated commit of the same attempt is no conflict.
         True when the step is committed, False while other nodes' files are missing."""
+        transfer = transfer or Transfer()
         folder = self._attempt_folder(step, manifest)
         mine = sorted(name for name in manifest.files if (src_dir / name).is_file())
-        with self._failing_as(f"uploading this node's share of step {step} (nothing committed)"):
-            self._parallel(
-                lambda name: self._upload(src_dir / name, self._name(folder + name), manifest.files[name]), mine
-            )
+        self._upload_all(step, src_dir, manifest, mine, transfer)
         with self._failing_as(f"listing step {step}"):
             present = {self._relative(b)[len(folder) :]: b.size for b in self._list(folder)}
         if any(present.get(name) != entry.size for name, entry in manifest.files.items()):
             return False
-        self._commit_and_advance(step, manifest)
+        self._commit_and_advance(step, manifest, transfer)
         return True
 
     def _attempt_folder(self, step: int, manifest: Manifest) -> str:
@@ -297,9 +315,9 @@ class GCSStore(Store):
             )
         return f"{step_dirname(step)}/{attempt}/"
 
-    def _commit_and_advance(self, step: int, manifest: Manifest) -> None:
+    def _commit_and_advance(self, step: int, manifest: Manifest, transfer: Transfer) -> None:
         with self._failing_as(f"committing step {step}"):
-            self._commit(step, manifest)
+            self._commit(step, manifest, self._retry.with_timeout(transfer.remaining(self._retry.timeout)))
         try:
             self._advance_latest(step)
         except _FAILURES as err:  # the checkpoint is committed; `latest` is only a hint
@@ -364,12 +382,52 @@ class GCSStore(Store):
                 removed.append(folder)
         return removed
 
+    def quarantine(self, step: int, reason: dict) -> str:
+        """Copy the manifest and the attempt's objects under quarantine/ with the reason, then delete
+        the manifest (the step is uncommitted from here on) and the originals; `latest` follows."""
+        step_dir = step_dirname(step)
+        dest = f"{QUARANTINE}/{quarantine_name(step)}/"
+        with self._failing_as(f"quarantining step {step}"):
+            originals = list(self._list(step_dir + "/"))
+            for blob in originals:
+                rest = self._relative(blob)[len(step_dir) + 1 :]
+                self.bucket.copy_blob(blob, self.bucket, self._name(dest + rest), retry=self._retry)
+            self.bucket.blob(self._name(dest + REASON)).upload_from_string(
+                json.dumps(reason, indent=1), content_type="application/json", retry=self._retry)
+            self._delete_blob(self._name(step_dir, MANIFEST))
+            self._parallel(self._delete_blob, [b.name for b in originals])
+            current, generation = self._read_latest()
+            if current == step:
+                self._write_latest(max(self.committed_steps(), default=None), generation)
+        return self._gs(self._name(dest))
+
+    def quarantined(self) -> list[Quarantined]:
+        entries: dict[str, dict] = {}
+        with self._failing_as("listing quarantine"):
+            for blob in self._list(QUARANTINE + "/"):
+                name, _, rest = self._relative(blob)[len(QUARANTINE) + 1 :].partition("/")
+                entries.setdefault(name, {})
+                if rest == REASON:
+                    try:
+                        entries[name] = json.loads(blob.download_as_bytes(retry=self._retry))
+                    except ValueError:
+                        entries[name] = {}
+        return [Quarantined(n, self._gs(self._name(QUARANTINE, n)) + "/", r) for n, r in sorted(entries.items())]
+
+    def purge_quarantine(self) -> list[str]:
+        gone = [q.name for q in self.quarantined()]
+        with self._failing_as("purging quarantine"):
+            self._parallel(self._delete_blob, [b.name for b in self._list(QUARANTINE + "/")])
+        return gone
+
     # ---- internals
 
-    def _upload(self, path: Path, name: str, expected: FileEntry) -> None:
+    def _upload(self, path: Path, name: str, expected: FileEntry, transfer: Transfer) -> None:
         blob = self.bucket.blob(name, chunk_size=self.chunk_size)
         blob.crc32c = _b64(expected.crc32c)  # GCS rejects the object if the bytes don't match it
-        blob.upload_from_filename(str(path), checksum="crc32c", retry=self._retry)
+        left = transfer.remaining(self._retry.timeout)
+        blob.upload_from_filename(str(path), checksum="crc32c", retry=self._retry.with_timeout(left),
+                                  timeout=(min(left, 60.0), left))
         actual = _hex(blob.crc32c)  # what the server stored, checked here too (emulators don't enforce)
         if blob.size != expected.size or actual != expected.crc32c:
             raise StoreError(
@@ -391,13 +449,13 @@ class GCSStore(Store):
         if actual != expected.crc32c:
             raise CorruptCheckpoint(self._gs(name), f"crc32c {actual}, manifest says {expected.crc32c}")
 
-    def _commit(self, step: int, manifest: Manifest) -> None:
+    def _commit(self, step: int, manifest: Manifest, retry) -> None:
         """Create the manifest only if absent. A 412 means someone committed first, unless that
         someone is us: a retried write whose first try landed but whose answer got lost."""
         name = self._name(step_dirname(step), MANIFEST)
         try:
             self.bucket.blob(name).upload_from_string(
-                manifest.to_json(), content_type="application/json", if_generation_match=0, retry=self._retry
+                manifest.to_json(), content_type="application/json", if_generation_match=0, retry=retry
             )
         except api.PreconditionFailed:
             try:
@@ -405,10 +463,7 @@ class GCSStore(Store):
             except CorruptCheckpoint:
                 winner = None
             if winner != manifest.attempt:
-                raise CommitConflict(
-                    f"checkpoint store {self.url!r}: step {step} was already committed by another writer "
-                    f"(attempt {winner!r}); this attempt ({manifest.attempt}) is abandoned"
-                ) from None
+                raise CommitConflict(self.url, step, manifest.attempt, winner) from None
 
     def _read_latest(self) -> tuple[int | None, int]:
         """(step, generation): generation 0 when absent, step None when absent or malformed."""
@@ -421,6 +476,18 @@ class GCSStore(Store):
             return int(json.loads(data)["step"]), blob.generation
         except (ValueError, KeyError, TypeError):
             return None, blob.generation
+
+    def _write_latest(self, step: int | None, generation: int) -> None:
+        """Point `latest` at step (None: remove it), only if it is still at `generation`."""
+        blob = self.bucket.blob(self._name(LATEST))
+        try:
+            if step is None:
+                blob.delete(if_generation_match=generation or None, retry=self._retry)
+            else:
+                blob.upload_from_string(json.dumps({"step": step}), content_type="application/json",
+                                        if_generation_match=generation, retry=self._retry)
+        except (api.PreconditionFailed, api.NotFound):
+            log.warning("checkpoint store %s: `latest` changed meanwhile; left as it is", self.url)
 
     def _advance_latest(self, step: int) -> None:
         """Move `latest` forward to step, never back: the write only lands if `latest` is still the

@@ -3,9 +3,19 @@ verified restore, and the emergency `save_now`.
 
 The path of a periodic save: the loop calls `save`, which waits only while the state is copied into
 reused host buffers; a writer thread then runs DCP into an attempt directory of the first tier, every
-rank reports the CRC32C of the files it wrote, and each node leader writes the manifest and renames
-the directory into place (the commit). Committed checkpoints are copied to slower tiers in the
-background, newest first, and each tier keeps its K newest.
+rank reports the CRC32C of the files it wrote, each node leader checks that every file of its node is
+there with its size, writes the manifest and renames the directory into place (the commit).
+Committed checkpoints are copied to slower tiers in the background, newest first, and each tier
+keeps its K newest and always its newest verified one.
+
+One outcome for all ranks: every step of a save that can fail on one rank (preparing, DCP, the file
+list, the commit) is followed by a gather of every rank's result, so all ranks see the same outcome
+(committed, failed, or a conflict with another writer) and `last_committed` is the same everywhere.
+The loop still has to stop all ranks at one step boundary: it shares `conflict` through its
+per-step agreement.
+
+A restore never traps the run: copies that fail verification, and committed steps newer than the one
+restored, are quarantined (see store.py), so the restored run can commit those steps again.
 
 The engine knows nothing of preemption or telemetry: it reports what it did (`drain_reports`).
 """
@@ -15,22 +25,27 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from harness.checkpoint.manifest import CorruptCheckpoint, FileEntry, Manifest, file_entry
+from harness.checkpoint.safe_load import SafeLoadPlanner, SafeReader
 from harness.checkpoint.snapshot import Snapshotter
-from harness.checkpoint.store import CommitConflict, LocalStore, StoreError
+from harness.checkpoint.store import CommitConflict, LocalStore, StoreError, Transfer, TransferAbandoned
 from harness.checkpoint.tiers import Tier, build_tiers
 from harness.distributed import Dist, all_gather_object, broadcast_object
 from harness.state import TrainState
@@ -48,6 +63,15 @@ class NoUsableCheckpoint(RuntimeError):
     """Checkpoints exist but none verifies: refuse to start over them rather than bury them."""
 
 
+class TierUnavailable(StoreError):
+    """A tier could not be listed within `checkpoint.list_retry_s`: restore refuses to guess that it
+    holds nothing (that would start the job from step 0). Restartable."""
+
+
+RESTORE_BASE_TIMEOUT_S = 300.0  # collectives around restore wait this long plus the bytes' estimate
+PROGRESS_LOG_S = 10.0
+
+
 @dataclass
 class Report:
     """What the engine did, for the loop to forward to telemetry."""
@@ -62,6 +86,17 @@ class Report:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Outcome:
+    """What every rank learns about one save: committed, failed (with the first reason) or conflict."""
+
+    committed: bool
+    detail: str = ""
+    conflict: CommitConflict | None = None
+    manifest: Manifest | None = None
+    committed_here: bool = False  # this node's leader renamed its attempt into place
+
+
 class CheckpointManager:
     def __init__(self, cfg, d: Dist):
         self.cfg = cfg
@@ -72,21 +107,40 @@ class CheckpointManager:
         for tier in self.tiers:
             tier.store.check_access()
         self.incarnation = broadcast_object(d, uuid.uuid4().hex[:8], group=d.ckpt_group)
+        self.node = os.environ.get("GROUP_RANK", "0")
         self.snapshotter = Snapshotter()
         self.reports: queue.Queue[Report] = queue.Queue()
-        self.counters = {"saves": 0, "skipped": 0, "waited": 0, "failed": 0, "promote_skipped": 0}
-        self.last_committed: int | None = None
-        self.conflict: CommitConflict | None = None  # another writer owns the store: this one must stop
+        self.counters = {"saves": 0, "skipped": 0, "waited": 0, "failed": 0, "quarantined": 0}
+        self.last_committed: int | None = None  # the same on every rank (see _write_and_commit)
+        self._conflict: CommitConflict | None = None
+        self._restored_from: tuple[int, Tier] | None = None
+        self._verified: set[int] = set()  # first-tier steps known whole: committed after the file check
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         self._inflight: Future | None = None
         # Several nodes: each node's first tier holds only its own ranks' files, so each leader puts its
         # share into a shared tier and the last one to finish commits (GCSStore.put_share).
         self.multi_node = d.world_size > int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
-        self._promoters = [_Promoter(self, t) for t in self.tiers[1:]] if d.is_node_leader else []
-        self._pinned: set[int] = set()  # steps a promoter is copying: retention leaves them alone
+        self._promoters = [
+            _Promoter(self.first, tier, self.multi_node, self._assumed_bytes_per_s(tier), self._report)
+            for tier in self.tiers[1:]
+        ] if d.is_node_leader else []
         if d.is_node_leader:
             for tier in self.tiers:
                 self._cleanup_uncommitted(tier)
+
+    @property
+    def conflict(self) -> CommitConflict | None:
+        """Another writer owns the store: this incarnation is stale and must stop (all ranks, at the
+        step boundary where any rank first sees it)."""
+        return self._conflict or next((p.conflict for p in self._promoters if p.conflict), None)
+
+    def _assumed_bytes_per_s(self, tier: Tier) -> float:
+        return (tier.assumed_bandwidth_mb_s or self.cfg.assumed_bandwidth_mb_s) * 1e6
+
+    def _report(self, report: Report) -> None:
+        if not report.ok and report.kind in ("commit", "promote", "retention"):
+            self.counters["failed"] += 1
+        self.reports.put(report)
 
     # ---------------------------------------------------------------- saving
 
@@ -111,21 +165,40 @@ class CheckpointManager:
                       extra={"waited_s": waited})
 
     def save_now(self, step: int, state: TrainState, deadline_s: float) -> Report:
-        """Make the current state durable on the fastest durable tier that fits the deadline."""
+        """Make the current state durable on the fastest durable tier that fits the deadline, never
+        waiting past it for a slower tier. Collective: the report (tier, ok) is the same on every rank."""
         t0 = time.perf_counter()
+        deadline = time.monotonic() + deadline_s
         self._wait_inflight()
-        reached = self.tiers[0]
         if self.last_committed != step:
             snap = self.snapshotter.take(state.to_dcp())
             self._write_and_commit(step, snap, state.progress.sample_index, promote=False)
-        if reached.ephemeral and self.dist.is_node_leader:
-            reached = self._promote_within(step, deadline_s - (time.perf_counter() - t0)) or reached
+        reached: Tier | None = None
+        if self.last_committed == step:
+            reached = self._durable_home(step)
+            if reached is None and self.dist.is_node_leader:
+                reached = self._promote_within(step, deadline) or self.tiers[0]
+            reached = reached or self.tiers[0]
+        homes = all_gather_object(self.dist, (self.dist.is_node_leader, reached.name if reached else "",
+                                              bool(reached and not reached.ephemeral)), group=self.dist.ckpt_group)
+        leaders = [(name, durable) for leader, name, durable in homes if leader]
         seconds = time.perf_counter() - t0
-        report = Report("emergency", step, reached.name, seconds, self.snapshotter.bytes,
-                        ok=seconds <= deadline_s, detail=f"deadline {deadline_s:.1f}s")
+        durable = all(d for _, d in leaders) and seconds <= deadline_s
+        tier = leaders[0][0] if all(name == leaders[0][0] for name, _ in leaders) else ",".join(n for n, _ in leaders)
+        report = Report("emergency", step, tier, seconds, self.snapshotter.bytes, ok=durable,
+                        detail=f"deadline {deadline_s:.1f}s")
         self.reports.put(report)
-        log.warning("emergency checkpoint of step %d durable on %s in %.2fs", step, reached, seconds)
+        log.warning("emergency checkpoint of step %d on %s in %.2fs (%s)", step, tier or "no tier", seconds,
+                    "durable" if durable else "NOT durable")
         return report
+
+    def _durable_home(self, step: int) -> Tier | None:
+        """A non-ephemeral tier already known to hold `step` (the first tier, or where it was restored from)."""
+        if not self.tiers[0].ephemeral:
+            return self.tiers[0]
+        if self._restored_from and self._restored_from[0] == step and not self._restored_from[1].ephemeral:
+            return self._restored_from[1]
+        return next((p.tier for p in self._promoters if step in p.holds and not p.tier.ephemeral), None)
 
     def _wait_inflight(self) -> float:
         if not self.busy:
@@ -137,72 +210,113 @@ class CheckpointManager:
         log.info("checkpoint waited %.2fs for the previous save to finish (if_busy=wait)", waited)
         return waited
 
+    def _gather_failures(self, error: str | None, group: Any = None) -> str | None:
+        """Collective: the first rank's error of this phase, or None if every rank succeeded."""
+        errors = all_gather_object(self.dist, error, group=group or self.dist.ckpt_group)
+        return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+
     def _write_and_commit(self, step: int, snap: dict[str, Any], sample_index: int, promote: bool = True) -> None:
-        """Writer thread: DCP into an attempt directory, gather CRCs, leaders commit; never raises."""
+        """Writer thread: DCP into an attempt directory, gather CRCs, leaders commit; never raises.
+        Every rank makes the same collective calls whatever fails where, so no rank is left waiting."""
         t0 = time.perf_counter()
         attempt = f"{self.incarnation}-{step}"
         attempt_dir = self.first.attempt_dir(step, attempt)
-        try:
-            attempt_dir.mkdir(parents=True, exist_ok=True)
-            writer = FileSystemWriter(attempt_dir, sync_files=True, thread_count=self.cfg.write_threads)
-            with _without_zip_crc32():
-                dcp.save(snap, storage_writer=writer, process_group=self.dist.ckpt_group)
-            mine = {p.name: file_entry(p) for p in attempt_dir.iterdir() if _written_by(p.name, self.dist.rank)}
-            entries: dict[str, FileEntry] = {}
-            for part in all_gather_object(self.dist, mine, group=self.dist.ckpt_group):
-                entries.update(part)
-            manifest = Manifest(step=step, files=entries, attempt=attempt, world_size=self.dist.world_size,
-                                meta={"sample_index": sample_index})
+        outcome = self._save_collectively(step, snap, sample_index, attempt, attempt_dir)
+        if outcome.conflict:
+            self._conflict = outcome.conflict
+            log.error("%s", outcome.conflict)
+        if not outcome.committed:
             if self.dist.is_node_leader:
-                self.first.commit(attempt_dir, manifest)
-                self._retain(self.tiers[0])
-        except CommitConflict as err:
-            self.conflict = err
-            log.error("%s", err)
-            self.reports.put(Report("commit", step, self.tiers[0].name, ok=False, detail=str(err)))
-            return
-        except Exception as err:  # noqa: BLE001 - a failed save must not kill training
-            self.counters["failed"] += 1
-            log.error("checkpoint of step %d failed in %s: %s", step, self.tiers[0], err)
-            self.reports.put(Report("commit", step, self.tiers[0].name, ok=False, detail=str(err)))
+                shutil.rmtree(attempt_dir, ignore_errors=True)  # ours, never committed
+                if outcome.committed_here:  # this node's part of a save that failed elsewhere
+                    self.first.delete(step)
+            if not outcome.conflict:
+                log.error("checkpoint of step %d failed in %s: %s", step, self.tiers[0], outcome.detail)
+            self._report(Report("commit", step, self.tiers[0].name, ok=False, detail=outcome.detail))
             return
         self.last_committed = step
-        seconds = time.perf_counter() - t0
-        self.reports.put(Report("commit", step, self.tiers[0].name, seconds, manifest.total_bytes))
+        manifest = outcome.manifest
+        assert manifest is not None
+        if self.dist.is_node_leader:
+            self._verified.add(step)
+            self._retain_first()
+        self._report(Report("commit", step, self.tiers[0].name, time.perf_counter() - t0, manifest.total_bytes))
         if promote:
             for promoter in self._promoters:
                 promoter.offer(step, manifest)
 
-    def _promote_within(self, step: int, budget_s: float) -> Tier | None:
-        """Copy `step` synchronously to the first durable tier whose measured speed fits the budget."""
-        manifest = self.first.read_manifest(step)
+    def _save_collectively(self, step: int, snap: dict[str, Any], sample_index: int, attempt: str,
+                           attempt_dir: Path) -> _Outcome:
+        d = self.dist
+        error = None
+        try:
+            attempt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            error = f"cannot create {attempt_dir}: {err}"
+        if failed := self._gather_failures(error):
+            return _Outcome(False, failed)
+        try:  # DCP gathers every rank's planning and writing errors and raises on all ranks alike
+            writer = FileSystemWriter(attempt_dir, sync_files=True, thread_count=self.cfg.write_threads)
+            with _without_zip_crc32():
+                dcp.save(snap, storage_writer=writer, process_group=d.ckpt_group)
+        except Exception as err:  # noqa: BLE001 - a failed save must not kill training
+            return _Outcome(False, f"DCP save failed: {err}")
+        mine: dict[str, FileEntry] = {}
+        error = None
+        try:
+            mine = {p.name: file_entry(p) for p in attempt_dir.iterdir() if _written_by(p.name, d.rank)}
+        except OSError as err:
+            error = f"cannot checksum the files written to {attempt_dir}: {err}"
+        parts = all_gather_object(d, (self.node, mine, error), group=d.ckpt_group)
+        if failed := next((f"rank {r}: {e}" for r, (_, _, e) in enumerate(parts) if e), None):
+            return _Outcome(False, failed)
+        entries = {name: entry for _, files, _ in parts for name, entry in files.items()}
+        manifest = Manifest(step=step, files=entries, attempt=attempt, world_size=d.world_size,
+                            meta={"sample_index": sample_index})
+        error, conflict, committed_here = None, None, False
+        if d.is_node_leader:
+            ours = {name for node, files, _ in parts if node == self.node for name in files}
+            try:
+                _check_listed_files(attempt_dir, manifest, ours)
+                self.first.commit(attempt_dir, manifest)
+                committed_here = True
+            except CommitConflict as err:
+                conflict, error = err, str(err)
+            except (CorruptCheckpoint, OSError, StoreError) as err:
+                error = f"not committed: {err}"
+        results = all_gather_object(d, (error, conflict is not None, str(conflict or "")), group=d.ckpt_group)
+        if any(c for _, c, _ in results):
+            theirs = conflict or CommitConflict(self.first.url, step, attempt, "reported by another node")
+            return _Outcome(False, next(m for _, c, m in results if c), theirs, committed_here=committed_here)
+        if failed := next((f"rank {r}: {e}" for r, (e, _, _) in enumerate(results) if e), None):
+            return _Outcome(False, failed, committed_here=committed_here)
+        return _Outcome(True, manifest=manifest)
+
+    def _promote_within(self, step: int, deadline: float) -> Tier | None:
+        """Copy `step` synchronously to the first durable tier whose expected time fits before
+        `deadline`; an in-flight background copy is abandoned when the time is needed."""
+        try:
+            manifest = self.first.read_manifest(step)
+        except CorruptCheckpoint as err:
+            log.error("emergency save: step %d is not readable in %s: %s", step, self.tiers[0], err)
+            return None
         for promoter in self._promoters:
             if promoter.tier.ephemeral:
                 continue
+            budget = deadline - time.monotonic()
             estimate = promoter.estimate_seconds(manifest.total_bytes)
-            if estimate > budget_s:
-                log.warning("emergency save: %s would take ~%.1fs, %.1fs left", promoter.tier, estimate, budget_s)
+            if estimate > budget:
+                log.warning("emergency save: %s would take ~%.1fs, %.1fs left", promoter.tier, estimate, budget)
                 continue
-            if promoter.copy(step, manifest, wait_idle=True):
+            if promoter.copy_now(step, manifest, deadline):
                 return promoter.tier
         return None
 
     # ------------------------------------------------------------ retention
 
-    def _retain(self, tier: Tier) -> None:
-        """Keep the tier's K newest checkpoints, and always its newest that verifies; a failed delete
-        is logged and counted, never raised."""
-        steps = tier.store.committed_steps()
-        newest_good = next((s for s in reversed(steps) if _quick_ok(tier, s)), None)
-        for step in steps[: max(0, len(steps) - tier.keep)]:
-            if step == newest_good or step in self._pinned:
-                continue
-            try:
-                tier.store.delete(step)
-            except Exception as err:  # noqa: BLE001
-                self.counters["failed"] += 1
-                log.warning("retention: could not delete step %d from %s: %s", step, tier, err)
-                self.reports.put(Report("retention", step, tier.name, ok=False, detail=str(err)))
+    def _retain_first(self) -> None:
+        pinned = set().union(*(p.pinned() for p in self._promoters))
+        retain(self.tiers[0], pinned, self._verified, self._report)
 
     def _cleanup_uncommitted(self, tier: Tier) -> None:
         try:
@@ -217,70 +331,174 @@ class CheckpointManager:
 
     def restore(self, state: TrainState) -> Report | None:
         """Load the newest checkpoint that verifies, read from the fastest tier holding it. All ranks
-        agree on the step; a checkpoint that fails verification is skipped with a warning."""
+        agree on the step; copies that fail verification and steps newer than the restored one are
+        quarantined (only once a step restores: over nothing usable the run refuses to start)."""
         t0 = time.perf_counter()
-        mine = self._listed_steps()
-        listings = all_gather_object(self.dist, sorted(mine), group=self.dist.ckpt_group)
-        candidates = sorted(set.intersection(*map(set, listings)), reverse=True)
-        rejected: list[str] = []
-        node = os.environ.get("GROUP_RANK", "0")
-        for step in candidates:
-            where, problems = self._locate(step) if self.dist.is_node_leader else (None, [])
-            for problem in problems:
-                log.warning("skipping checkpoint step %d: %s", step, problem)
-            rejected.extend(problems)
-            located = all_gather_object(self.dist, (node, self.dist.is_node_leader, where),
-                                        group=self.dist.ckpt_group)
-            paths = {n: w for n, leader, w in located if leader}
-            if all(w is not None for w in paths.values()):
-                directory, tier_name = paths[node]
-                self._load(Path(directory), state)
+        d = self.dist
+        listed, error = (self._list_tiers() if d.is_node_leader else ({}, None))
+        listings = all_gather_object(d, (d.is_node_leader, listed, error), group=d.ckpt_group)
+        if failed := next((e for _, _, e in listings if e), None):
+            raise TierUnavailable(failed)
+        leaders = [set().union(*steps.values()) if steps else set() for leader, steps, _ in listings if leader]
+        candidates = sorted(set.intersection(*leaders), reverse=True) if leaders else []
+        if not candidates:
+            return None
+        group = self._restore_group(candidates[0], listed)
+        try:
+            rejected: list[tuple[Tier, int, str, bool]] = []
+            for step in candidates:
+                where, problems = self._locate(step) if d.is_node_leader else (None, [])
+                for tier, reason, corrupt in problems:
+                    log.warning("skipping checkpoint step %d on %s: %s", step, tier, reason)
+                    rejected.append((tier, step, reason, corrupt))
+                located = all_gather_object(d, (self.node, d.is_node_leader, where), group=group)
+                paths = {n: w for n, leader, w in located if leader}
+                if any(w is None for w in paths.values()):
+                    continue
+                directory, tier_name = paths[self.node]
+                if problem := self._load(Path(directory), state, group):
+                    log.warning("skipping checkpoint step %d on %s: %s", step, tier_name, problem)
+                    rejected.append((self._tier(tier_name), step, problem, True))
+                    continue
                 self.last_committed = step
+                self._restored_from = (step, self._tier(tier_name))
+                if self._restored_from[1] is self.tiers[0]:
+                    self._verified.add(step)
+                self._after_restore(step, Path(directory), listed, rejected, group)
                 report = Report("restore", step, tier_name, time.perf_counter() - t0,
-                                extra={"skipped": rejected})
+                                extra={"skipped": [f"{t.name}: {r}" for t, _, r, _ in rejected]})
                 self.reports.put(report)
                 return report
-        if candidates:
-            raise NoUsableCheckpoint(
-                "no checkpoint verifies, refusing to start over them: " + "; ".join(rejected)
-                + ". Move them aside or point checkpoint.store elsewhere."
-            )
-        return None
+        finally:
+            if group is not d.ckpt_group:
+                torch_dist.destroy_process_group(group)
+        raise NoUsableCheckpoint(
+            "no checkpoint verifies, refusing to start over them: "
+            + "; ".join(f"{t.name} step {s}: {r}" for t, s, r, _ in rejected)
+            + ". Move them aside (python -m harness.checkpoint list STORE shows why) or point "
+            "checkpoint.store elsewhere."
+        )
 
-    def _listed_steps(self) -> set[int]:
-        steps: set[int] = set()
+    def _tier(self, name: str) -> Tier:
+        return next(t for t in self.tiers if t.name == name)
+
+    def _list_tiers(self) -> tuple[dict[str, set[int]], str | None]:
+        """Each tier's committed steps, retrying a failing listing with backoff up to
+        `checkpoint.list_retry_s`; (listing, None) or ({}, the error naming the tier)."""
+        listed: dict[str, set[int]] = {}
         for tier in self.tiers:
-            try:
-                steps.update(tier.store.committed_steps())
-            except Exception as err:  # noqa: BLE001 - an unreachable slow tier must not block a resume
-                log.warning("cannot list %s: %s", tier, err)
-        return steps
+            deadline, delay = time.monotonic() + self.cfg.list_retry_s, 0.5
+            while True:
+                try:
+                    listed[tier.name] = set(tier.store.committed_steps())
+                    break
+                except Exception as err:  # noqa: BLE001 - reported below, naming the tier
+                    if time.monotonic() + delay > deadline:
+                        return {}, (f"cannot list checkpoints in {tier}: {err}; retried for "
+                                    f"{self.cfg.list_retry_s:.0f}s (checkpoint.list_retry_s). Not starting "
+                                    "from step 0 while a tier that may hold checkpoints is unreachable.")
+                    log.warning("cannot list %s (retrying in %.1fs): %s", tier, delay, err)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 8.0)
+        return listed, None
 
-    def _locate(self, step: int) -> tuple[tuple[str, str] | None, list[str]]:
-        """(local directory, tier name) of a verified copy of `step`, and the problems met on the way."""
-        problems = []
+    def _restore_group(self, newest: int, listed: dict[str, set[int]]):
+        """A gloo group whose timeout covers verifying and downloading the newest candidate at the
+        assumed bandwidth, so the ranks waiting for their node leader never time out first."""
+        d = self.dist
+        nbytes = 0
+        if d.is_node_leader:
+            for tier in self.tiers:
+                if newest in listed.get(tier.name, ()):
+                    try:
+                        nbytes = tier.store.read_manifest(newest).total_bytes
+                        break
+                    except (CorruptCheckpoint, StoreError, OSError):
+                        continue
+        nbytes = max(all_gather_object(d, nbytes, group=d.ckpt_group))
+        timeout = RESTORE_BASE_TIMEOUT_S + 3 * nbytes / (self.cfg.assumed_bandwidth_mb_s * 1e6)
+        if not d.enabled or timeout <= RESTORE_BASE_TIMEOUT_S + 1:
+            return d.ckpt_group
+        log.info("restore of %.1f GB: collectives wait up to %.0fs", nbytes / 1e9, timeout)
+        return torch_dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+
+    def _locate(self, step: int) -> tuple[tuple[str, str] | None, list[tuple[Tier, str, bool]]]:
+        """(local directory, tier name) of a verified copy of `step`, and the problems met on the way:
+        (tier, reason, whether the copy is corrupt rather than unreachable)."""
+        problems: list[tuple[Tier, str, bool]] = []
         for tier in self.tiers:
             try:
                 if step not in tier.store.committed_steps():
                     continue
-                tier.store.verify(step)
-                directory = tier.store.fetch(step, self.scratch)
+                with _progress(f"verifying step {step} on {tier}"):
+                    tier.store.verify(step)
+                with _progress(f"fetching step {step} from {tier}"):
+                    directory = tier.store.fetch(step, self.scratch)
                 return (str(directory), tier.name), problems
-            except (CorruptCheckpoint, StoreError, OSError) as err:
-                problems.append(f"{tier.name}: {err}")
+            except CorruptCheckpoint as err:
+                problems.append((tier, str(err), True))
+            except (StoreError, OSError) as err:
+                problems.append((tier, str(err), False))
         return None, problems
 
-    def _load(self, directory: Path, state: TrainState) -> None:
-        reader = FileSystemReader(directory)
-        saved = reader.read_metadata().state_dict_metadata
-        target = state.to_dcp()
-        if state.rng_key not in saved:
+    def _after_restore(self, step: int, directory: Path, listed: dict[str, set[int]],
+                       rejected: list[tuple[Tier, int, str, bool]], group) -> None:
+        """Quarantine what cannot be trusted, then remove the scratch copy once every rank has loaded."""
+        d = self.dist
+        if d.is_node_leader:
+            # A multi-node job's first tier holds one node's share, which never verifies on its own.
+            doomed = {(tier.name, s): reason for tier, s, reason, corrupt in rejected
+                      if corrupt and not (self.multi_node and tier is self.tiers[0])}
+            for tier in self.tiers:
+                for newer in sorted(listed.get(tier.name, ())):
+                    if newer > step:
+                        doomed.setdefault((tier.name, newer), f"newer than step {step}, which the run restored")
+            for (name, bad), reason in sorted(doomed.items()):
+                tier = self._tier(name)
+                if tier.store.is_local or d.is_main:  # a shared tier is moved by rank 0 only
+                    self._quarantine(tier, bad, reason)
+        if d.enabled:
+            torch_dist.barrier(group=group)
+        if d.is_node_leader and directory.is_relative_to(self.scratch):
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _quarantine(self, tier: Tier, step: int, reason: str) -> None:
+        record = {"step": step, "tier": tier.name, "store": tier.store.url, "reason": reason,
+                  "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "incarnation": self.incarnation}
+        try:
+            where = tier.store.quarantine(step, record)
+        except (StoreError, OSError) as err:
+            log.error("could not quarantine step %d of %s: %s", step, tier, err)
+            return
+        self.counters["quarantined"] += 1
+        log.warning("quarantined step %d of %s -> %s (%s)", step, tier, where, reason)
+
+    def _load(self, directory: Path, state: TrainState, group) -> str | None:
+        """Load a verified copy into `state`; the reason (the same on every rank) if it cannot be
+        loaded safely. Config drift (CheckpointMismatch) raises: that is the user's to fix."""
+        reader = SafeReader(directory)
+        error, target = None, state.to_dcp()
+        try:
+            saved = reader.read_metadata().state_dict_metadata
+        except CorruptCheckpoint as err:
+            error, saved = str(err), {}
+        if failed := self._gather_failures(error, group):
+            return failed
+        saved = {key: meta for key, meta in saved.items() if not state.is_other_ranks(key)}
+        if state.rng_key not in {key.split(".", 1)[0] for key in saved}:
             target.pop(state.rng_key)
             log.warning("checkpoint has no RNG state for rank %d (world size changed); RNG stays seeded",
                         self.dist.rank)
+        for key in state.VARIABLE_SIZE:
+            if isinstance(saved.get(key), TensorStorageMetadata):
+                target[key] = torch.empty(tuple(saved[key].size), dtype=target[key].dtype)
         _check_fits(target, saved, directory)
-        dcp.load(target, storage_reader=reader, process_group=self.dist.ckpt_group)
+        try:  # DCP raises on every rank when any rank's read fails
+            dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(str(directory)), process_group=group)
+        except Exception as err:  # noqa: BLE001 - e.g. an entry that needs unpickling: refused, nothing run
+            return f"cannot be loaded safely: {str(err).strip().splitlines()[-1]}"
         state.load_dcp_state(target)
+        return None
 
     def drain_reports(self) -> list[Report]:
         out = []
@@ -298,6 +516,65 @@ class CheckpointManager:
             promoter.close()
 
 
+def retain(tier: Tier, pinned: set[int], verified: set[int], report: Callable[[Report], None]) -> None:
+    """Keep the tier's K newest checkpoints, the pinned ones (a promotion is copying them) and always
+    its newest that verifies (fully: a manifest that merely reads is not enough). `verified` caches
+    the steps known whole. A failed delete is reported, never raised."""
+    steps = tier.store.committed_steps()
+    newest_good = None
+    for step in reversed(steps):
+        if step in verified or _verifies(tier, step):
+            verified.add(step)
+            newest_good = step
+            break
+    for step in steps[: max(0, len(steps) - tier.keep)]:
+        if step == newest_good or step in pinned:
+            continue
+        try:
+            tier.store.delete(step)
+            verified.discard(step)
+        except Exception as err:  # noqa: BLE001
+            log.warning("retention: could not delete step %d from %s: %s", step, tier, err)
+            report(Report("retention", step, tier.name, ok=False, detail=str(err)))
+
+
+def _verifies(tier: Tier, step: int) -> bool:
+    try:
+        tier.store.verify(step)
+        return True
+    except (CorruptCheckpoint, StoreError, OSError):
+        return False
+
+
+def _check_listed_files(directory: Path, manifest: Manifest, names: set[str]) -> None:
+    """Before a commit: every file of this node that the manifest lists is there with its size."""
+    for name in sorted(names):
+        path = directory / name
+        expected = manifest.files[name].size
+        if not path.is_file():
+            raise CorruptCheckpoint(str(path), "listed in the manifest but missing: not committing")
+        if (size := path.stat().st_size) != expected:
+            raise CorruptCheckpoint(str(path), f"size {size} bytes, {expected} when written: not committing")
+
+
+class _progress:
+    """Logs a long restore phase every PROGRESS_LOG_S seconds, from a timer thread, until it ends."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._done = threading.Event()
+
+    def __enter__(self) -> None:
+        self._t0 = time.monotonic()
+        threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._done.wait(PROGRESS_LOG_S):
+            log.info("%s: %.0fs so far", self.what, time.monotonic() - self._t0)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
 def _without_zip_crc32():
     """DCP writes through torch.save, whose zip writer CRC32s every record; the manifest's CRC32C already
     covers every byte, so the writer skips that pass (a process-wide setting, restored afterwards)."""
@@ -309,14 +586,6 @@ def _without_zip_crc32():
 def _written_by(name: str, rank: int) -> bool:
     """DCP file naming: `__<rank>_<n>.distcp` per rank; the coordinator (rank 0) writes `.metadata`."""
     return name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata")
-
-
-def _quick_ok(tier: Tier, step: int) -> bool:
-    try:
-        tier.store.read_manifest(step)
-        return True
-    except (CorruptCheckpoint, StoreError, OSError):
-        return False
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -346,15 +615,24 @@ def _check_fits(target: dict[str, Any], saved: dict[str, Any], directory: Path) 
 
 class _Promoter:
     """Copies committed checkpoints from the first tier to one slower tier, in a thread of its own.
-    At most one copy in flight; a newer checkpoint replaces a pending older one (newest wins)."""
+    At most one copy in flight and one pending; a newer checkpoint replaces the pending one (newest
+    wins). What it owns it also releases: `pinned()` is exactly the in-flight and pending steps, so
+    the first tier's retention keeps them and nothing else, on every path (supersede, emergency,
+    failure, close)."""
 
-    def __init__(self, manager: CheckpointManager, tier: Tier):
-        self.manager = manager
+    def __init__(self, source: LocalStore, tier: Tier, share: bool, assumed_bytes_per_s: float,
+                 report: Callable[[Report], None]):
+        self.source = source
         self.tier = tier
-        self.bytes_per_s = 0.0  # measured
+        self.share = share and hasattr(tier.store, "put_share")
+        self.bytes_per_s = assumed_bytes_per_s  # until measured: configured, conservative
+        self.report = report
+        self.conflict: CommitConflict | None = None
+        self.holds: set[int] = set()  # steps this promoter committed on its tier (verified on the way)
+        self.superseded = 0
         self._pending: tuple[int, Manifest] | None = None
+        self._inflight: tuple[int, threading.Event] | None = None
         self._cv = threading.Condition()
-        self._busy = False
         self._closed = False
         self._since_last = 0
         self._last_time = time.monotonic()
@@ -369,54 +647,68 @@ class _Promoter:
             return
         with self._cv:
             if self._pending is not None:
-                self.manager.counters["promote_skipped"] += 1
+                self.superseded += 1
                 log.info("promotion of step %d to %s superseded by step %d", self._pending[0], self.tier, step)
             self._pending = (step, manifest)
-            self.manager._pinned.add(step)
             self._cv.notify_all()
 
-    def estimate_seconds(self, nbytes: int) -> float:
-        return nbytes / self.bytes_per_s if self.bytes_per_s else 0.0
+    def pinned(self) -> set[int]:
+        with self._cv:
+            return {s for s in (self._pending and self._pending[0], self._inflight and self._inflight[0])
+                    if s is not None}
 
-    def copy(self, step: int, manifest: Manifest, wait_idle: bool = False) -> bool:
-        if wait_idle:
-            with self._cv:
-                self._pending = None
-                self._cv.wait_for(lambda: not self._busy)
-                self._busy = True
+    def estimate_seconds(self, nbytes: int) -> float:
+        return nbytes / self.bytes_per_s
+
+    def copy_now(self, step: int, manifest: Manifest, deadline: float) -> bool:
+        """The emergency copy, in the caller's thread and within `deadline`: a background copy of
+        the same step may finish it; any other one is abandoned (left uncommitted) and the pending
+        one dropped."""
+        with self._cv:
+            self._pending = None
+            if self._inflight and self._inflight[0] == step:
+                self._cv.wait_for(lambda: self._inflight is None or self._inflight[0] != step,
+                                  timeout=max(0.0, deadline - time.monotonic()))
+                if step in self.holds:
+                    return True
+            if self._inflight:
+                log.warning("emergency save: abandoning the copy of step %d to %s", self._inflight[0], self.tier)
+                self._inflight[1].set()
+        return self._copy(step, manifest, Transfer(deadline=deadline))
+
+    def _copy(self, step: int, manifest: Manifest, transfer: Transfer) -> bool:
         t0 = time.perf_counter()
-        src = self.manager.first.step_dir(step)
+        src = self.source.step_dir(step)
+        store = self.tier.store
         try:
-            if step not in self.tier.store.committed_steps():
-                if self.manager.multi_node and hasattr(self.tier.store, "put_share"):
-                    if not self.tier.store.put_share(step, src, manifest):
+            if step not in store.committed_steps():
+                if self.share:
+                    if not store.put_share(step, src, manifest, transfer):  # type: ignore[attr-defined]
                         log.info("step %d: this node's share is on %s; the last node to finish commits it",
                                  step, self.tier)
                 else:
-                    self.tier.store.put_committed(step, src, manifest)
-            elif (theirs := self.tier.store.read_manifest(step).attempt) != manifest.attempt:
-                raise CommitConflict(f"checkpoint store {self.tier.store.url!r}: step {step} was already committed "
-                                     f"by another writer (attempt {theirs}); ours ({manifest.attempt}) is abandoned")
-            self.manager._retain(self.tier)
+                    store.put_committed(step, src, manifest, transfer)
+            elif (theirs := store.read_manifest(step).attempt) != manifest.attempt:
+                raise CommitConflict(store.url, step, manifest.attempt, theirs)
+            self.holds.add(step)
+            retain(self.tier, set(), self.holds, self.report)
         except CommitConflict as err:
-            self.manager.conflict = err
+            self.conflict = err
             log.error("%s", err)
-            self.manager.reports.put(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
+            self.report(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
+            return False
+        except TransferAbandoned as err:
+            log.warning("copy of step %d to %s: %s", step, self.tier, err)
+            self.report(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
             return False
         except Exception as err:  # noqa: BLE001 - a slow tier's outage must not stop training
-            self.manager.counters["failed"] += 1
             log.error("copy of step %d to %s failed: %s", step, self.tier, err)
-            self.manager.reports.put(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
+            self.report(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
             return False
-        finally:
-            if wait_idle:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify_all()
         seconds = time.perf_counter() - t0
         self.bytes_per_s = manifest.total_bytes / max(seconds, 1e-6)
         self._since_last, self._last_time = 0, time.monotonic()
-        self.manager.reports.put(Report("promote", step, self.tier.name, seconds, manifest.total_bytes))
+        self.report(Report("promote", step, self.tier.name, seconds, manifest.total_bytes))
         return True
 
     def _run(self) -> None:
@@ -426,18 +718,18 @@ class _Promoter:
                 if self._pending is None:
                     return
                 (step, manifest), self._pending = self._pending, None
-                self._busy = True
+                stop = threading.Event()
+                self._inflight = (step, stop)
             try:
-                self.copy(step, manifest)
+                self._copy(step, manifest, Transfer(stop=stop))
             finally:
                 with self._cv:
-                    self._busy = False
-                    self.manager._pinned.discard(step)
+                    self._inflight = None
                     self._cv.notify_all()
 
     def close(self) -> None:
         with self._cv:
-            self._cv.wait_for(lambda: self._pending is None and not self._busy)
+            self._cv.wait_for(lambda: self._pending is None and self._inflight is None)
             self._closed = True
             self._cv.notify_all()
         self._thread.join()

@@ -1,16 +1,25 @@
 """Where committed checkpoints live. A store holds checkpoints by step; a checkpoint exists in a store
 only once its manifest is there, and the manifest is always the last thing written.
 
+A checkpoint that cannot be trusted (fails verification, or is newer than the one a restore chose)
+is quarantined, never deleted: it stops being committed (the step can be saved again) and its files
+are kept under `quarantine/` with a `reason.json` (what failed, when, which incarnation), until a
+person runs `python -m harness.checkpoint purge-quarantine STORE`.
+
 `open_store(url)` picks the implementation: a local path (local SSD, persistent disk) or gs://.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.checkpoint.manifest import (
@@ -24,10 +33,44 @@ from harness.checkpoint.manifest import (
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 TMP_PREFIX = ".tmp-"
+QUARANTINE = "quarantine"
+REASON = "reason.json"
 
 
 def step_dirname(step: int) -> str:
     return f"step_{step:09d}"
+
+
+def quarantine_name(step: int) -> str:
+    """A fresh name under quarantine/: the same step may be quarantined more than once."""
+    return f"{step_dirname(step)}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Quarantined:
+    """A checkpoint moved aside: where it is now and why (the reason.json, {} if none was written)."""
+
+    name: str
+    where: str
+    reason: dict
+
+
+@dataclass
+class Transfer:
+    """Bounds on a copy into a store: `deadline` (time.monotonic()) for every call it makes, and
+    `stop`, set by whoever abandons the copy (an emergency save that needs the bandwidth)."""
+
+    deadline: float | None = None
+    stop: threading.Event | None = None
+
+    def check(self, what: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise TransferAbandoned(f"{what}: abandoned (an emergency save needed the time)")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TransferAbandoned(f"{what}: out of time")
+
+    def remaining(self, default: float) -> float:
+        return default if self.deadline is None else max(0.1, min(default, self.deadline - time.monotonic()))
 
 
 class StoreError(RuntimeError):
@@ -36,6 +79,15 @@ class StoreError(RuntimeError):
 
 class CommitConflict(StoreError):
     """Another writer committed this step first; ours is abandoned, theirs stays intact."""
+
+    def __init__(self, url: str, step: int, ours: str, theirs: str | None = None):
+        by = f" (attempt {theirs})" if theirs else ""
+        super().__init__(f"checkpoint store {url!r}: step {step} was already committed by another writer{by}; "
+                         f"this attempt ({ours}) is abandoned")
+
+
+class TransferAbandoned(StoreError):
+    """A copy stopped before its commit, on purpose: nothing was committed."""
 
 
 class Store(ABC):
@@ -58,8 +110,9 @@ class Store(ABC):
         """Read the manifest and check every file; CorruptCheckpoint names the file and reason."""
 
     @abstractmethod
-    def put_committed(self, step: int, src_dir: Path, manifest: Manifest) -> None:
-        """Copy a committed checkpoint's files in, then write its manifest last (the commit)."""
+    def put_committed(self, step: int, src_dir: Path, manifest: Manifest, transfer: Transfer | None = None) -> None:
+        """Copy a committed checkpoint's files in, then write its manifest last (the commit); within
+        `transfer`'s bounds, or TransferAbandoned with nothing committed."""
 
     @abstractmethod
     def fetch(self, step: int, scratch: Path) -> Path:
@@ -71,6 +124,17 @@ class Store(ABC):
     @abstractmethod
     def cleanup_uncommitted(self, older_than_s: float) -> list[str]:
         """Remove leftovers of saves that never committed; returns what was removed."""
+
+    @abstractmethod
+    def quarantine(self, step: int, reason: dict) -> str:
+        """Uncommit `step` and keep its files under quarantine/ with `reason`; returns where."""
+
+    @abstractmethod
+    def quarantined(self) -> list[Quarantined]: ...
+
+    @abstractmethod
+    def purge_quarantine(self) -> list[str]:
+        """Delete everything under quarantine/ (on a person's request only); returns what went."""
 
 
 class LocalStore(Store):
@@ -130,25 +194,25 @@ class LocalStore(Store):
             os.rename(attempt_dir, final)
         except OSError as err:
             if final.exists():
-                raise CommitConflict(
-                    f"checkpoint store {self.url!r}: step {manifest.step} was already committed by another "
-                    f"writer; this attempt ({attempt_dir.name}) is abandoned"
-                ) from None
+                raise CommitConflict(self.url, manifest.step, attempt_dir.name) from None
             raise StoreError(f"checkpoint store {self.url!r}: commit failed: {err}") from None
         fsync_dir(self.root)
         return final
 
-    def put_committed(self, step: int, src_dir: Path, manifest: Manifest) -> None:
+    def put_committed(self, step: int, src_dir: Path, manifest: Manifest, transfer: Transfer | None = None) -> None:
+        transfer = transfer or Transfer()
         attempt = self.attempt_dir(step, manifest.attempt or "copy")
         if attempt.exists():
             shutil.rmtree(attempt)
         attempt.mkdir(parents=True)
         for name in manifest.files:
+            transfer.check(f"checkpoint store {self.url!r}: copy of step {step}")
             dst = attempt / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src_dir / name, dst)
             with open(dst, "rb+") as f:
                 os.fsync(f.fileno())
+        transfer.check(f"checkpoint store {self.url!r}: commit of step {step}")
         self.commit(attempt, manifest)
 
     def fetch(self, step: int, scratch: Path) -> Path:
@@ -170,6 +234,35 @@ class LocalStore(Store):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p.name)
         return removed
+
+    def quarantine(self, step: int, reason: dict) -> str:
+        """Reason first (inside the step, where nothing reads it), then one rename out of the listing."""
+        dest = self.root / QUARANTINE / quarantine_name(step)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(self.step_dir(step) / REASON, json.dumps(reason, indent=1).encode())
+        os.rename(self.step_dir(step), dest)
+        fsync_dir(self.root)
+        return str(dest)
+
+    def quarantined(self) -> list[Quarantined]:
+        folder = self.root / QUARANTINE
+        if not folder.is_dir():
+            return []
+        return [Quarantined(p.name, str(p), _read_reason(p / REASON)) for p in sorted(folder.iterdir()) if p.is_dir()]
+
+    def purge_quarantine(self) -> list[str]:
+        gone = [q.name for q in self.quarantined()]
+        for name in gone:
+            shutil.rmtree(self.root / QUARANTINE / name)
+        return gone
+
+
+def _read_reason(path: Path) -> dict:
+    try:
+        reason = json.loads(path.read_text())
+        return reason if isinstance(reason, dict) else {"reason": str(reason)}
+    except (OSError, ValueError):
+        return {}
 
 
 def open_store(url: str, retry_deadline_s: float = 120.0) -> Store:

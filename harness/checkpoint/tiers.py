@@ -16,6 +16,7 @@ class Tier:
     every: int = 1  # promote every Nth checkpoint committed in the first tier
     every_seconds: float = 0.0  # ...or when this long has passed since the last promotion
     ephemeral: bool = False  # dies with the VM (local SSD, staging): not a safe home for a last save
+    assumed_bandwidth_mb_s: float = 0.0  # until measured (0: checkpoint.assumed_bandwidth_mb_s)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.store.url})"
@@ -37,7 +38,7 @@ def build_tiers(cfg) -> list[Tier]:
         name = extra.get("name") or f"{_scheme(extra.url)}{i}"
         tiers.append(
             Tier(name, store, keep=extra.keep, every=extra.every, every_seconds=extra.every_seconds,
-                 ephemeral=extra.ephemeral)
+                 ephemeral=extra.ephemeral, assumed_bandwidth_mb_s=extra.assumed_bandwidth_mb_s)
         )
     return tiers
 

@@ -1,4 +1,11 @@
-"""One notice object fed by every source. Signal handlers only record (no I/O, no locks)."""
+"""One notice object fed by every source. Signal handlers only record (no I/O, no locks).
+
+A notice has a kind, which tells the loop how to leave once the emergency save is durable:
+- PREEMPTION: the VM is going away (a signal, `instance/preempted`, a maintenance event on a Spot
+  VM); exit PREEMPTED_EXIT_CODE and the MIG recreates the VM.
+- MAINTENANCE: a host maintenance event on an on-demand VM, a planned stop; the VM itself comes back
+  after the host event, so the exit must be one its unit restarts on.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,11 @@ from dataclasses import dataclass
 # EX_TEMPFAIL from sysexits.h: "temporary failure; the user is invited to retry". The launch scripts
 # and systemd read it as "preempted: checkpoint saved, restart me".
 PREEMPTED_EXIT_CODE = 75
+# The file in ${run.dir} the trainer leaves after its emergency save (JSON: step, tier, ok, seconds,
+# source); the launcher and shutdown.sh wait on it.
+PREEMPTED_MARKER = "PREEMPTED"
+PREEMPTION = "preemption"
+MAINTENANCE = "maintenance"
 
 
 @dataclass(frozen=True)
@@ -16,21 +28,22 @@ class Notice:
     source: str  # "SIGTERM", "metadata:preempted", ...
     time: float  # time.time() when recorded
     deadline: float  # time.time() by which the emergency save must be durable
+    kind: str = PREEMPTION  # PREEMPTION | MAINTENANCE
 
 
 class NoticeBoard:
-    """Holds the first notice; later ones are counted but do not move the deadline."""
+    """Holds the first notice; later ones are counted but move neither its deadline nor its kind."""
 
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
         self.notice: Notice | None = None
         self.count = 0
 
-    def record(self, source: str) -> None:
+    def record(self, source: str, kind: str = PREEMPTION) -> None:
         self.count += 1
         if self.notice is None:
             now = time.time()
-            self.notice = Notice(source, now, now + self.deadline_s)
+            self.notice = Notice(source, now, now + self.deadline_s, kind)
 
     @property
     def pending(self) -> bool:
