@@ -3,11 +3,14 @@
 Exit codes: 0 finished, 75 preempted (emergency checkpoint saved: restart me), 2 bad config, other
 non-zero a failure. torchrun reports a worker's preempted exit as a failure, so the launcher reads the
 marker the trainer leaves to tell the two apart. SIGTERM and SIGINT are passed on to torchrun, whose
-agent passes them to the workers and waits `launch.shutdown_timeout_s` before killing them.
+agent passes them to the workers and waits `launch.shutdown_timeout_s` before killing them. A notice
+that comes while no trainer runs (rendezvous, startup) is still a preemption: nothing new needs
+saving, so the launcher writes the marker itself (`source: launcher`) and returns 75.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,9 +22,7 @@ from omegaconf import DictConfig
 from harness import config
 from harness.checkpoint.store import StoreError
 from harness.checkpoint.tiers import build_tiers
-from harness.preemption import PREEMPTED_EXIT_CODE
-
-MARKER = "PREEMPTED"
+from harness.preemption.notice import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
 # torchrun reuses one TCP store across rendezvous rounds, so after a restart a worker can read a dead
 # peer's address and gloo/NCCL fail to connect (pytorch/pytorch#167288). A store per round avoids it.
@@ -55,15 +56,25 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    marker = Path(cfg.run.dir) / MARKER
+    marker = Path(cfg.run.dir) / PREEMPTED_MARKER
     cmd = torchrun_command(cfg, overrides)
     print("launch:", " ".join(cmd), flush=True)
     env = {**TORCHRUN_ENV, **os.environ}
     proc = subprocess.Popen(cmd, env=env)
-    forward = lambda signum, _frame: proc.send_signal(signum)
+    notices: list[str] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        notices.append(signal.Signals(signum).name)
+        proc.send_signal(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     code = proc.wait()
+    if code != 0 and notices and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"step": None, "tier": "", "seconds": 0.0, "source": f"launcher:{notices[0]}",
+                                      "ok": True, "detail": "no trainer was training: the newest committed "
+                                                            "checkpoint is the state"}) + "\n")
     if code != 0 and marker.exists():
         return PREEMPTED_EXIT_CODE
     if code != 0:

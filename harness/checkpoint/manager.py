@@ -40,6 +40,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from harness.checkpoint.manifest import CorruptCheckpoint, FileEntry, Manifest, file_entry
@@ -259,8 +260,8 @@ class CheckpointManager:
             writer = FileSystemWriter(attempt_dir, sync_files=True, thread_count=self.cfg.write_threads)
             with _without_zip_crc32():
                 dcp.save(snap, storage_writer=writer, process_group=d.ckpt_group)
-        except Exception as err:  # noqa: BLE001 - a failed save must not kill training
-            return _Outcome(False, f"DCP save failed: {err}")
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - a failed save must not kill training
+            return _Outcome(False, f"DCP save failed: {str(err).strip().splitlines()[-1]}")
         mine: dict[str, FileEntry] = {}
         error = None
         try:
@@ -495,7 +496,7 @@ class CheckpointManager:
         _check_fits(target, saved, directory)
         try:  # DCP raises on every rank when any rank's read fails
             dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(str(directory)), process_group=group)
-        except Exception as err:  # noqa: BLE001 - e.g. an entry that needs unpickling: refused, nothing run
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - e.g. an entry that needs unpickling
             return f"cannot be loaded safely: {str(err).strip().splitlines()[-1]}"
         state.load_dcp_state(target)
         return None
