@@ -3,13 +3,15 @@
 The location may be the ledger itself, a checkpoint store holding `ledger/`, or a run directory
 holding `checkpoints/ledger/`. Prints the goodput breakdown (and the cost, when the job recorded its
 prices) and writes a PNG timeline: `<run dir>/goodput_timeline.png` for a local run, else
-`./goodput_timeline.png`, or `--out`.
+`./goodput_timeline.png`, or `--out`. A job that has not finished is counted up to now: while no
+process of it runs, its downtime grows and its goodput falls.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,8 @@ def _hms(seconds: float) -> str:
 
 
 def report(b: Breakdown) -> Table:
-    out = Table(title=f"goodput {b.goodput:.1%} of {_hms(b.total_s)} (h:mm:ss) wall time")
+    until = "to the job's end" if b.finished else "to now"
+    out = Table(title=f"goodput {b.goodput:.1%} of {_hms(b.total_s)} (h:mm:ss) wall time, {until}")
     out.add_column("category")
     out.add_column("time", justify="right")
     out.add_column("share", justify="right")
@@ -48,7 +51,8 @@ def report(b: Breakdown) -> Table:
         out.add_row(c, _hms(b.seconds[c]), f"{b.seconds[c] / b.total_s:.1%}" if b.total_s else "-")
     out.add_section()
     facts = {
-        "preemptions": b.preemptions, "restarts": b.restarts, "last step": b.last_step,
+        "preemptions": b.preemptions, "restarts": b.restarts,
+        "world sizes": ", ".join(map(str, b.world_sizes)) or "-", "last step": b.last_step,
         "productive steps": b.productive_steps, "recomputed steps": b.lost_steps,
         "telemetry errors": b.telemetry_errors,
     }
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as err:
         console.print(f"[red]{err}[/red]")
         return 2
-    b = breakdown(events)
+    b = breakdown(events, now=time.time())
     console.print(f"ledger: {where} ({len(events)} events, {len(b.lives)} process incarnations)")
     console.print(report(b))
     default_dir = Path(".") if args.location.startswith("gs://") else Path(args.location)

@@ -151,10 +151,7 @@ def restore(job: Job) -> None:
     progress = job.state.progress
     job.tel.event(ev.RESTORE_END, step=progress.step, tier=restored.tier if restored else None)
     if restored:
-        progress.restarts += 1
         log.info("resumed from step %d (%s tier, %.2fs)", restored.step, restored.tier, restored.seconds)
-    if job.dist.world_size not in progress.world_sizes:
-        progress.world_sizes.append(job.dist.world_size)
     progress.wandb_run_id = progress.wandb_run_id or (job.tel.run_id or "")
     if job.dist.is_main:
         run_dir = Path(job.cfg.run.dir)
@@ -276,8 +273,9 @@ def finish(job: Job, started: float) -> None:
         "final_step": progress.step,
         "model_sha256": model_sha256(job.state.model),
         "wall_seconds": round(time.time() - started, 3),
-        "restarts": progress.restarts,
-        "world_sizes": progress.world_sizes,
+        # Restarts, world sizes, preemptions: the ledger's, which has every incarnation from its start
+        # (harness/telemetry/goodput.py); restarts and preemptions arrive with the job metrics below.
+        "world_sizes": list(breakdown.world_sizes),
         "sample_index": progress.sample_index,
         "wandb_run_id": progress.wandb_run_id,
         "lost_steps": breakdown.lost_steps,

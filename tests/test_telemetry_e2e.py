@@ -1,14 +1,18 @@
-"""A SIGTERM to one worker of a 2-process torchrun job and a relaunch, end to end: all ranks save the
-same step and resume exactly (tests/test_preemption.preempt_and_resume), the goodput ledger outlives the
-processes, one W&B run id spans both incarnations, Cloud Monitoring receives the shared metric names."""
+"""The goodput ledger end to end with real torchrun jobs. A SIGTERM to one worker of a 2-process job and
+a relaunch: all ranks save the same step and resume exactly (tests/test_preemption.preempt_and_resume),
+the ledger outlives the processes, one W&B run id spans both incarnations, Cloud Monitoring receives the
+shared metric names. Whole-tree SIGKILLs at world sizes 2 and 1: the ledger still has every incarnation
+(restarts, world sizes) and what each did up to `telemetry.ledger_flush_s` before its death."""
 
 from __future__ import annotations
 
 import signal
 import time
 
+import pytest
+
 from harness.telemetry import metric_names
-from harness.telemetry.goodput import breakdown
+from harness.telemetry.goodput import PRODUCTIVE, breakdown
 from harness.telemetry.ledger import read_ledger
 from harness.telemetry.wandb_reader import offline_runs
 from tests import runs
@@ -52,3 +56,50 @@ def test_sigterm_to_one_worker_resumes_exactly_and_goodput_sees_it(tmp_path, ref
     assert {metric_names.GOODPUT, metric_names.LAST_STEP, metric_names.PREEMPTIONS} <= written
     last_steps = [ts.points[0].value for ts in series if ts.metric.type == metric_names.LAST_STEP]
     assert max(v.int64_value or v.double_value for v in last_steps) == summary["final_step"]
+
+
+def test_sigkills_at_world_sizes_2_and_1_lose_no_incarnation_and_at_most_the_flush_interval(tmp_path):
+    flush_s = 0.5
+    run_dir = tmp_path / "run"
+    store, ledger = run_dir / "checkpoints", str(run_dir / "checkpoints" / "ledger")
+    overrides = ["train.max_steps=300", "checkpoint.interval_steps=20", f"telemetry.ledger_flush_s={flush_s}",
+                 f"run.dir={run_dir}"]
+
+    def killed(nproc: int, log, until) -> None:
+        proc = runs.start(nproc, overrides, log)
+        try:
+            runs.wait_for(until, what=f"the kill point at world size {nproc}")
+        finally:
+            runs.kill_tree(proc.pid)  # the whole tree, as a VM dies: no notice, no final flush
+            proc.wait()
+
+    # 1: world size 2, killed well past its first checkpoint, 3 flush intervals after step 30 was logged.
+    log1 = tmp_path / "1.txt"
+    killed(2, log1, lambda: runs.logged_step(log1, 30) and (time.sleep(3 * flush_s) or True))
+    checkpoints = runs.committed(store)
+    assert checkpoints, "no checkpoint before the first kill"
+    first = [e for e in read_ledger(ledger) if e["rank"] == 0]
+    first_inc = first[0]["incarnation"]
+    assert max(e["last"] for e in first if e["kind"] == "steps") >= 30, "the ledger lost more than its interval"
+    resumed_at = int(checkpoints[-1].removeprefix("step_"))
+
+    # 2: world size 1, killed before its own first checkpoint: only the ledger knows it ran.
+    log2 = tmp_path / "2.txt"
+    killed(1, log2, lambda: runs.logged_step(log2, resumed_at + 5))
+    assert runs.committed(store) == checkpoints, "the world-size-1 incarnation committed a checkpoint"
+
+    # 3: world size 2 to the end.
+    log3 = tmp_path / "3.txt"
+    assert runs.run(2, overrides, log3) == 0, runs.tail(log3)
+    summary = runs.summary(run_dir)
+    assert (summary["final_step"], summary["restarts"], summary["world_sizes"]) == (300, 2, [2, 1])
+
+    b = breakdown(read_ledger(ledger))
+    life = next(life for life in b.lives if life.incarnation == first_inc)
+    kept = sum(e["seconds"] * max(0, min(e["last"], resumed_at) - e["first"] + 1) / (e["last"] - e["first"] + 1)
+               for e in first if e["kind"] == "steps")
+    in_breakdown = sum(s.end - s.start for s in b.segments
+                       if s.category == PRODUCTIVE and life.start <= s.start < life.end)
+    assert kept > 0 and in_breakdown == pytest.approx(kept, rel=0.05), "the first incarnation's productive time"
+    assert summary["seconds/productive"] == pytest.approx(b.seconds[PRODUCTIVE], rel=0.05)
+    assert summary["lost_steps"] >= max(e["last"] for e in first if e["kind"] == "steps") - resumed_at

@@ -1,6 +1,6 @@
 """Preemption: notice sources (signals, the GCE metadata server) feeding one notice, and the health
 endpoint MIG autohealing probes. It records and answers "stop now?"; it never saves anything."""
 
-from harness.preemption.notice import PREEMPTED_EXIT_CODE, Notice, NoticeBoard
+from harness.preemption.notice import MAINTENANCE, PREEMPTED_EXIT_CODE, PREEMPTION, Notice, NoticeBoard
 
-__all__ = ["PREEMPTED_EXIT_CODE", "Notice", "NoticeBoard"]
+__all__ = ["MAINTENANCE", "PREEMPTED_EXIT_CODE", "PREEMPTION", "Notice", "NoticeBoard"]

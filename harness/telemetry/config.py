@@ -34,7 +34,7 @@ class CostBasis:
 
 @dataclass
 class TelemetryConfig:
-    ledger_flush_s: float = 30.0  # background ledger writes; the loop also flushes at checkpoints/exit
+    ledger_flush_s: float = 5.0  # background ledger writes: the most a SIGKILL loses of the ledger
     job_metrics_s: float = 30.0  # how often rank 0 recomputes goodput and cost from the ledger
     queue_size: int = 10_000  # W&B rows buffered while W&B is slow; more are dropped and counted
     close_timeout_s: float = 5.0  # ledger write, then all sinks together, at exit: keep inside the notice

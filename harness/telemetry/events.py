@@ -2,7 +2,7 @@
 through `Telemetry`) and the reader (`goodput.breakdown`)."""
 
 JOB_START = "job_start"  # first incarnation only: wandb_run_id, prices, config digest
-PROCESS_START = "process_start"  # t is the process's own start time: pid, world_size
+PROCESS_START = "process_start"  # t is the process's own start time: pid, world_size; durable before it trains
 RENDEZVOUS_DONE = "rendezvous_done"
 RESTORE_START = "restore_start"
 RESTORE_END = "restore_end"  # step restored

@@ -1,10 +1,15 @@
 """Goodput and badput of a whole job, computed from its ledger (all incarnations), not from one process.
 
 Definitions (every second of the job falls in exactly one category):
-- total: from the first event of any incarnation to the last event of any incarnation.
-- An incarnation (one process start of one rank) is alive from its first to its last event. A process
-  killed without a final flush is alive only until its last flushed event; the ledger's periodic
-  flush (with a heartbeat when idle) bounds that error.
+- total: from the job's first event to its end: the last event once the job has finished (its latest
+  rank-0 incarnation exited 0), else `now`, the reader's clock. A job that stopped training without
+  finishing (every process dead, none coming back) thus shows a falling goodput: the time since its
+  last event is downtime. `breakdown(events)` without `now` ends at the last event: a record read as
+  history; every reader of a live job (the sinks, `make goodput`, the chaos report) passes `now`.
+- An incarnation (one process start of one rank) is alive from its first to its last event. Its
+  `process_start` is durable before it trains (Telemetry.start writes it at once); a process killed
+  without a final flush is alive until its last flushed event, so the periodic flush
+  (`telemetry.ledger_flush_s`, with a heartbeat when idle) bounds what a SIGKILL loses.
 - downtime: time when no incarnation of any rank is alive.
 - Job-level phases come from global rank 0's events; other ranks' events only prove their process
   was alive. While rank 0 is alive, each instant is labelled by the first that applies:
@@ -20,8 +25,11 @@ Definitions (every second of the job falls in exactly one category):
   A `steps` event covers `seconds` of step time ending at its time; when some of its steps were
   recomputed later, the lost share (proportional to the step count) is its tail.
 - goodput = productive / total; badput of a category = its seconds / total.
-- restarts: rank-0 incarnations after the first; preemptions: rank-0 incarnations that logged a
-  `preemption_notice` (the loop logs it on rank 0 once the ranks agree to stop).
+- restarts: rank-0 incarnations after the first; world_sizes: theirs (`process_start`), in order of
+  first appearance; preemptions: rank-0 incarnations that logged a `preemption_notice` (the loop logs
+  it on rank 0 once the ranks agree to stop). These are the job's one source of those facts
+  (summary.json included): every incarnation is here from its start, while a checkpoint knows only
+  the incarnations that lived to commit one.
 """
 
 from __future__ import annotations
@@ -74,6 +82,8 @@ class Breakdown:
     notices: tuple[float, ...] = ()  # preemption notice times, any rank
     preemptions: int = 0
     restarts: int = 0
+    world_sizes: tuple[int, ...] = ()
+    finished: bool = False  # the latest rank-0 incarnation exited 0: total ends at the last event
     last_step: int | None = None
     productive_steps: int = 0
     lost_steps: int = 0
@@ -105,12 +115,17 @@ class Breakdown:
         return out
 
 
-def breakdown(events: Iterable[dict[str, Any]]) -> Breakdown:
+def breakdown(events: Iterable[dict[str, Any]], now: float | None = None) -> Breakdown:
+    """The job's breakdown up to `now` (see the module docstring), or to its end once it finished."""
     evs = sorted(events, key=lambda e: e["t"])
     if not evs:
         return Breakdown(0.0, 0.0, dict.fromkeys(CATEGORIES, 0.0))
-    start, end = evs[0]["t"], evs[-1]["t"]
     lives = _lives(evs)
+    job_lives = [life for life in lives if life.rank == 0]
+    finished = bool(job_lives) and job_lives[-1].exit_code == 0
+    start, end = evs[0]["t"], evs[-1]["t"]
+    if now is not None and not finished:
+        end = max(end, now)
     job = [e for e in evs if e.get("rank") == 0]
     steps = [e for e in job if e["kind"] == ev.STEPS]
     lost_by_event = _lost_steps(steps)
@@ -134,7 +149,6 @@ def breakdown(events: Iterable[dict[str, Any]]) -> Breakdown:
     seconds = dict.fromkeys(CATEGORIES, 0.0)
     for seg in segments:
         seconds[seg.category] += seg.end - seg.start
-    job_lives = [life for life in lives if life.rank == 0]
     noticed = {e["incarnation"] for e in job if e["kind"] == ev.PREEMPTION_NOTICE}
     lost_total = sum(lost_by_event.values())
     done = sum(s["last"] - s["first"] + 1 for s in steps)
@@ -143,6 +157,9 @@ def breakdown(events: Iterable[dict[str, Any]]) -> Breakdown:
         start=start, end=end, seconds=seconds, segments=tuple(segments), lives=tuple(lives),
         notices=tuple(e["t"] for e in evs if e["kind"] == ev.PREEMPTION_NOTICE),
         preemptions=len(noticed), restarts=max(0, len(job_lives) - 1),
+        world_sizes=tuple(dict.fromkeys(int(e["world_size"]) for e in job
+                                        if e["kind"] == ev.PROCESS_START and "world_size" in e)),
+        finished=finished,
         last_step=max((s["last"] for s in steps), default=None),
         productive_steps=done - lost_total, lost_steps=lost_total,
         telemetry_errors=sum(e["kind"] == ev.TELEMETRY_ERROR for e in evs),

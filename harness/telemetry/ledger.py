@@ -7,11 +7,13 @@ exactly one file there, `<incarnation>.jsonl`, that no other process ever writes
 - `gs://bucket/prefix`: the incarnation's own object is rewritten with all of its events (GCS objects
   cannot be appended to; a ledger is small), never touching another incarnation's object.
 
-Events are buffered in memory and written by a background thread every `flush_every_s` and by
-`flush()`, which the loop calls at checkpoint and exit time. Step completions are batched: consecutive
-steps merge into one `steps` event that is closed by any other event or by a flush, so the ledger
-stays ordered and small. A write that fails never raises: it is recorded as a `telemetry_error` event
-and retried at the next flush.
+Events are buffered in memory and written by a background thread every `flush_every_s`
+(`telemetry.ledger_flush_s`; a heartbeat when nothing else happened) and by `flush()`, which
+Telemetry calls at a process's start and exit. A process killed without warning thus loses at most
+the last `flush_every_s` of its events, and never its start while the store takes writes. Step
+completions are batched: consecutive steps merge into one `steps` event that is closed by any other
+event or by a flush, so the ledger stays ordered and small. A write that fails never raises: it is
+recorded as a `telemetry_error` event and retried at the next flush.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ start, its exit, what it saw); other ranks' calls are no-ops. Each writer has it
 
 What a call costs the loop: `on_step` and `event` touch memory only (a lock, a dict, a non-blocking
 queue put). Ledger writes, W&B and Monitoring calls, and the goodput recomputation run on background
-threads; `flush` and `close` are the only calls that wait, for at most the configured timeouts.
+threads; `start`, `flush` and `close` are the only calls that wait, for at most the configured timeouts.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class Telemetry:
     def start(cls, job_cfg: DictConfig, *, rank: int, local_rank: int, world_size: int, node: str,
               ledger_location: str, monitoring_client: Any = None) -> Telemetry:
         """Build from the composed job config, record this process's start and, on the job's very
-        first rank-0 start, the job's start with a new W&B run id (later starts reuse it)."""
+        first rank-0 start, the job's start with a new W&B run id (later starts reuse it); both are
+        written before this returns (a failed write is retried by the ledger's flush thread)."""
         cfg = telemetry_config(job_cfg.get("telemetry"))
         if rank != 0 and local_rank != 0:
             return cls(cfg, None, rank=rank)
@@ -88,6 +89,7 @@ class Telemetry:
                         timeout_s=cfg.close_timeout_s)
         ledger.event(ev.PROCESS_START, t=process_start_time(), pid=os.getpid(), world_size=world_size)
         if rank != 0:
+            ledger.flush()  # durable before this process trains: a kill at any later moment is counted
             return cls(cfg, ledger, rank=rank)
 
         def on_error(sink: str, error: str, count: int) -> None:
@@ -105,7 +107,10 @@ class Telemetry:
                 "hourly_usd": cost.hourly, "on_demand_hourly_usd": cost.on_demand_hourly,
                 "price_source": cost.source, "price_as_of": cost.as_of}
             ledger.event(ev.JOB_START, wandb_run_id=run_id, run_name=job_cfg.run.name, **prices)
-            ledger.flush()  # the run id must outlive this process even if it dies before its next flush
+        # This incarnation's start (and the job's run id) must outlive it even if it dies before its next
+        # flush: restarts, world sizes and goodput count it from here. Read `prior` first: it must not
+        # hold this incarnation's own events.
+        ledger.flush()
 
         wandb_sink = None
         if job_cfg.wandb.mode != "disabled":

@@ -23,9 +23,9 @@ def two_incarnations() -> list[dict]:
     on a second node outlives A's rank 0 by one second; its own step events must not count."""
     a, b, w = "A", "B", "A-worker"
     return [
-        e(0, ev.PROCESS_START, a), e(0, ev.JOB_START, a, wandb_run_id="run1", hourly_usd=36.0,
-                                     on_demand_hourly_usd=72.0),
-        e(1, ev.PROCESS_START, w, rank=1, node="vm-b"),
+        e(0, ev.PROCESS_START, a, world_size=2), e(0, ev.JOB_START, a, wandb_run_id="run1", hourly_usd=36.0,
+                                                   on_demand_hourly_usd=72.0),
+        e(1, ev.PROCESS_START, w, rank=1, node="vm-b", world_size=2),
         e(10, ev.RENDEZVOUS_DONE, a),
         e(35, ev.STEPS, a, first=1, last=10, seconds=20.0),  # steps [15, 35]: startup 0-15
         e(37, ev.CKPT_BLOCK, a, step=10, seconds=2.0),
@@ -39,7 +39,7 @@ def two_incarnations() -> list[dict]:
         e(81, ev.EXIT, a, code=75),
         e(82, ev.EXIT, w, rank=1, node="vm-b", code=75),
         # 82-200: nothing of the job alive (VM recreated)
-        e(200, ev.PROCESS_START, b),
+        e(200, ev.PROCESS_START, b, world_size=1),
         e(210, ev.RENDEZVOUS_DONE, b),
         e(212, ev.RESTORE_START, b),
         e(222, ev.RESTORE_END, b, step=20),
@@ -68,7 +68,7 @@ def test_breakdown_matches_hand_computation():
     assert sum(EXPECTED.values()) == 273
     assert b.seconds == pytest.approx(EXPECTED)
     assert b.goodput == pytest.approx(80 / 273)
-    assert (b.preemptions, b.restarts, b.last_step) == (1, 1, 40)
+    assert (b.preemptions, b.restarts, b.world_sizes, b.last_step) == (1, 1, (2, 1), 40)
     assert (b.productive_steps, b.lost_steps) == (40, 5)
     assert b.running_s == pytest.approx(273 - 118)
     assert b.job_info["wandb_run_id"] == "run1"
@@ -98,6 +98,23 @@ def test_partially_recomputed_batch_loses_only_its_recomputed_tail():
     assert (b.productive_steps, b.lost_steps) == (12, 2)
 
 
+def test_a_job_that_stopped_without_finishing_is_counted_to_now_and_its_goodput_falls():
+    """B was killed after its last checkpoint and nothing of the job ran again."""
+    events = two_incarnations()[:-1]
+    at_1000, at_2000 = breakdown(events, now=T0 + 1000), breakdown(events, now=T0 + 2000)
+    assert not at_1000.finished
+    assert at_1000.total_s == pytest.approx(1000)
+    assert at_1000.seconds["downtime"] == pytest.approx(118 + (1000 - 272))
+    assert at_1000.goodput == pytest.approx(80 / 1000)
+    assert at_2000.goodput == pytest.approx(80 / 2000)
+    assert at_1000.segments[-1].category == "downtime" and at_1000.segments[-1].end == T0 + 1000
+
+
+def test_a_finished_job_ends_at_its_last_event_whenever_it_is_read():
+    b = breakdown(two_incarnations(), now=T0 + 5000)
+    assert b.finished and b.total_s == pytest.approx(273) and b.seconds == pytest.approx(EXPECTED)
+
+
 def test_empty_ledger():
     b = breakdown([])
     assert b.total_s == 0 and b.goodput == 0.0
@@ -112,8 +129,20 @@ def test_cli_prints_table_and_writes_timeline(tmp_path, capsys):
     assert find_ledger(str(tmp_path / "run"))[0] == str(ledger)
     assert main([str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "goodput 29.3%" in out and "downtime" in out and "savings ($)" in out
+    flat = " ".join(out.split())  # the title wraps at the console's width
+    assert "goodput 29.3%" in flat and "to the job's end" in flat and "downtime" in out and "savings ($)" in out
+    assert "2, 1" in out  # world sizes
     png = tmp_path / "run" / "goodput_timeline.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in out.replace("\n", "")
     assert main([str(tmp_path / "nothing")]) == 2
+
+
+def test_cli_counts_an_unfinished_job_to_now(tmp_path, capsys):
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    lines = [json.dumps(x) for x in two_incarnations()[:-1]]  # the job never finished
+    (ledger / "all.jsonl").write_text("\n".join(lines) + "\n")
+    assert main([str(ledger), "--out", str(tmp_path / "t.png")]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "goodput 0.0%" in flat and "to now" in flat  # T0 is long ago: 80 s of a decades-long job

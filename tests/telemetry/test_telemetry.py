@@ -49,6 +49,21 @@ def test_run_id_is_made_once_and_reused_by_later_incarnations(tmp_path):
     assert second.breakdown().restarts == 1
 
 
+def test_every_incarnations_start_is_durable_before_it_trains(tmp_path):
+    """Written when start() returns, long before the ledger's periodic flush: a process SIGKILLed at
+    any later moment is still counted (restarts, world sizes, goodput)."""
+    first = start(tmp_path)
+    first.close(75)
+    later = start(tmp_path)  # rank 0 of a later incarnation: no job_start to write with it
+    leader = start(tmp_path, rank=2, local_rank=0)
+    written = {(e["incarnation"], e["kind"]) for e in read_ledger(str(tmp_path / "ledger"))}
+    later_inc, leader_inc = later.ledger.incarnation, leader.ledger.incarnation
+    later.close(0)
+    leader.close(0)
+    assert later.cfg.ledger_flush_s >= 5
+    assert {(later_inc, ev.PROCESS_START), (leader_inc, ev.PROCESS_START)} <= written
+
+
 def test_process_start_is_the_processes_own_start(tmp_path):
     tel = start(tmp_path)
     started = tel.ledger.events()[0]
