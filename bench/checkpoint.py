@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +40,7 @@ import torch.nn as nn
 
 from harness.checkpoint.manager import CheckpointManager
 from harness.checkpoint.manifest import file_entry
+from harness.config import CheckpointConfig
 from harness.distributed import Dist
 from harness.state import TrainState
 
@@ -181,17 +183,18 @@ def time_raw_write(bufs: list[torch.Tensor], directory: Path, threads: int) -> t
 
 
 def engine_config(root: Path, write_threads: int, keep: int) -> SimpleNamespace:
-    """The attributes CheckpointManager / build_tiers read (harness.config.CheckpointConfig), no hydra."""
-    return SimpleNamespace(
-        store=str(root / "store"),
-        keep=keep,
-        ephemeral=False,
-        slower_tiers=[],  # build_tiers calls extra.get("name") on entries: none here
-        staging_dir=str(root / "staging"),
-        scratch_dir=str(root / "restore"),
-        write_threads=write_threads,
-        remote_retry_s=10.0,
-    )
+    """What CheckpointManager / build_tiers read: CheckpointConfig's defaults (a plain dataclass, no hydra)."""
+    return SimpleNamespace(**{
+        **asdict(CheckpointConfig()),
+        "store": str(root / "store"),
+        "keep": keep,
+        "ephemeral": False,
+        "slower_tiers": [],  # build_tiers calls extra.get("name") on entries: none here
+        "staging_dir": str(root / "staging"),
+        "scratch_dir": str(root / "restore"),
+        "write_threads": write_threads,
+        "remote_retry_s": 10.0,
+    })
 
 
 def one_save(manager: CheckpointManager, state: TrainState, step: int, timeout_s: float = 600.0) -> dict[str, Any]:

@@ -12,15 +12,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from harness.batching import BatchSplitError, check_every_world_size
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+# Hydra and OmegaConf are imported where they are used, so the schemas below (plain dataclasses) are
+# importable where neither is installed (the GPU benchmark, on the GPU machine's own torch).
 
 # The repo's conf/ in a checkout; on a VM the startup script points SPOT_CONF_DIR at the released copy.
 CONF_DIR = Path(os.environ.get("SPOT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -184,6 +184,8 @@ class JobConfig:
 
 
 def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     cs.store(group="model", name="gpt_schema", node=GPTConfig)
@@ -197,6 +199,9 @@ def one_of(key: str, value: object, allowed: Sequence[object]) -> None:
 def structured(schema: type[T], node: Any, prefix: str) -> T:
     """`node` checked against the dataclass `schema` (unknown keys, wrong types) as a `schema`
     instance, for groups typed Any in JobConfig; ConfigError names `<prefix>.<key>`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -250,6 +255,11 @@ def load(overrides: list[str], config_name: str = "config") -> DictConfig:
     The compose API rather than @hydra.main: every rank under torchrun composes the same config
     without a Hydra output directory of its own.
     """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     register()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

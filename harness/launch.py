@@ -10,6 +10,8 @@ saving, so the launcher writes the marker itself (`source: launcher`) and return
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import signal
@@ -39,9 +41,19 @@ def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
                 f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={cfg.run.name}"]
         if launch.rdzv_conf:
             cmd.append(f"--rdzv-conf={launch.rdzv_conf}")
-    cmd += [f"--max-restarts={launch.max_restarts}", f"--shutdown-timeout={launch.shutdown_timeout_s}",
-            "-m", launch.module, *overrides]
-    return cmd
+    cmd.append(f"--max-restarts={launch.max_restarts}")
+    if torchrun_has_shutdown_timeout():
+        cmd.append(f"--shutdown-timeout={launch.shutdown_timeout_s}")
+    return [*cmd, "-m", launch.module, *overrides]
+
+
+@functools.cache
+def torchrun_has_shutdown_timeout() -> bool:
+    """torchrun grew --shutdown-timeout after 2.11 (whose parser rejects it); read torchrun's source
+    rather than import torch, which would cost the launcher seconds at every restart."""
+    spec = importlib.util.find_spec("torch")
+    run_py = Path(spec.origin).parent / "distributed" / "run.py" if spec and spec.origin else None
+    return bool(run_py and run_py.is_file() and "--shutdown-timeout" in run_py.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

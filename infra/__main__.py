@@ -2,8 +2,11 @@
 
     synth    write the Terraform JSON under infra.outdir (no cloud access, no terraform binary)
     plan     synth, then terraform init + plan
-    deploy   build the harness wheel, synth, terraform init + plan -out + apply of that plan, then
-             publish wheel + conf/ to gs://<bucket>/releases/<version>/
+    deploy   check the prerequisites (terraform, credentials, gcloud, project, APIs, GPU quota), build
+             the harness wheel and the wheelhouse, synth, terraform init, then in two phases:
+               1. plan -out + apply of the foundation (APIs, bucket, identities and their grants)
+               2. publish the release to gs://<bucket>/releases/<version>/ (manifest.json last)
+               3. plan -out + apply of everything (instance groups, network, monitoring)
     destroy  synth, then terraform init + destroy (asks for confirmation unless --yes)
     cost     the hourly cost of each topology at the configured prices (or of the one given)
 """
@@ -22,6 +25,7 @@ from infra import pricing, release, settings, terraform
 
 TOPOLOGIES = tuple(sorted(p.stem for p in (settings.REPO / "conf" / "topology").glob("*.yaml")))
 PLAN_FILE = "tfplan"
+FOUNDATION_PLAN_FILE = "tfplan-foundation"
 
 
 def _cost_line(s: settings.Settings) -> str:
@@ -45,7 +49,32 @@ def _synth(s: settings.Settings, version: str) -> Path:
 
     stack_dir = stacks.synth(s, version)
     print(f"synthesized {stack_dir / 'cdk.tf.json'}\n{_cost_line(s)}", flush=True)
+    for warning in settings.warnings(s):
+        print(f"warning: {warning}", flush=True)
     return stack_dir
+
+
+def _deploy(binary: str, gcloud: str, s: settings.Settings, quota_checked: bool) -> None:
+    """Build, synthesize and apply in the order a fresh project needs (see the module docstring)."""
+    from infra import prerequisites, stacks
+
+    with tempfile.TemporaryDirectory(prefix="spot-harness-wheel-") as wheel_dir:
+        # Build first: a harness that does not build must not leave half a deployment behind.
+        wheel = release.build_wheel(Path(wheel_dir))
+        wheelhouse = release.build_wheelhouse(s)
+        version = release.version()
+        stack_dir = _synth(s, version)
+        terraform.run(binary, stack_dir, "init", "-input=false")
+        foundation = terraform.targets(stack_dir, stacks.FOUNDATION)
+        terraform.run(binary, stack_dir, "plan", "-input=false", *foundation, f"-out={FOUNDATION_PLAN_FILE}")
+        terraform.run(binary, stack_dir, "apply", "-input=false", FOUNDATION_PLAN_FILE)
+        print(f"published {release.publish(s, version, wheel, wheelhouse)}", flush=True)
+    if not quota_checked:
+        prerequisites.check_quota(s, gcloud)
+    terraform.run(binary, stack_dir, "plan", "-input=false", f"-out={PLAN_FILE}")
+    terraform.run(binary, stack_dir, "apply", "-input=false", PLAN_FILE)
+    for warning in settings.warnings(s):
+        print(f"warning: {warning}", flush=True)
 
 
 def run(command: str, overrides: Sequence[str], yes: bool = False) -> None:
@@ -56,23 +85,20 @@ def run(command: str, overrides: Sequence[str], yes: bool = False) -> None:
     s = settings.load(overrides)
     if binary and s.infra.project == settings.PLACEHOLDER_PROJECT:
         raise ConfigError(f"infra.project={s.infra.project!r} is the placeholder; set infra.project=<your project id>")
-    with tempfile.TemporaryDirectory(prefix="spot-harness-wheel-") as wheel_dir:
-        # Build first: a harness that does not build must not leave half a deployment behind.
-        wheel = release.build_wheel(Path(wheel_dir)) if command == "deploy" else None
-        version = release.version()
-        stack_dir = _synth(s, version)
-        if binary is None:
-            return
-        terraform.run(binary, stack_dir, "init", "-input=false")
-        if command == "plan":
-            terraform.run(binary, stack_dir, "plan", "-input=false")
-        elif command == "deploy":
-            terraform.run(binary, stack_dir, "plan", "-input=false", f"-out={PLAN_FILE}")
-            terraform.run(binary, stack_dir, "apply", "-input=false", PLAN_FILE)
-            assert wheel is not None
-            print(f"published {release.publish(s, version, wheel)}")
-        else:
-            terraform.run(binary, stack_dir, "destroy", *(["-auto-approve"] if yes else []))
+    if binary and command == "deploy":
+        from infra import prerequisites
+
+        gcloud = prerequisites.gcloud()
+        _deploy(binary, gcloud, s, prerequisites.check_project(s, gcloud))
+        return
+    stack_dir = _synth(s, release.version())
+    if binary is None:
+        return
+    terraform.run(binary, stack_dir, "init", "-input=false")
+    if command == "plan":
+        terraform.run(binary, stack_dir, "plan", "-input=false")
+    else:
+        terraform.run(binary, stack_dir, "destroy", *(["-auto-approve"] if yes else []))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

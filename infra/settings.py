@@ -8,12 +8,14 @@ Every error is a ConfigError naming the key and what is allowed, e.g.
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from harness import config as job_config
 from harness.config import ConfigError, one_of, structured
@@ -35,12 +37,39 @@ class NetworkSettings:
     cidr: str = "10.10.0.0/20"
     # NCCL and gloo pick ephemeral ports: open these between training nodes only.
     collective_ports: list[str] = field(default_factory=lambda: ["1024-65535"])
+    inter_zone_usd_per_gb: float = 0.01  # what the synth warning quotes for traffic between zones
+
+
+@dataclass
+class ImageSettings:
+    """A pinned boot image and what it brings. Recorded from the image's release notes, because synth
+    cannot ask the image: the wheelhouse is built for `python` and `glibc`, and the VM's preflight
+    checks that it booted this Python."""
+
+    project: str = MISSING
+    name: str = MISSING  # an image name, never a family
+    python: str = MISSING  # major.minor of its python3
+    glibc: str = MISSING  # major.minor
+    cuda: str | None = None
+    driver: str | None = None
+    torch: str | None = None  # the torch version the image brings; None when it brings none
+
+    @property
+    def self_link(self) -> str:
+        return f"projects/{self.project}/global/images/{self.name}"
+
+
+@dataclass
+class WheelhouseSettings:
+    torch: bool = True  # the release carries the pinned torch of requirements.txt
+    cache_dir: str = "infra/wheelhouse"
 
 
 @dataclass
 class BucketSettings:
     name: str = MISSING
     versioning: bool = False
+    data_access_logs: bool = True  # Cloud Audit Logs (Data Access) for Cloud Storage in the project
     soft_delete_days: int = 0  # 0 (off) or 7-90
     tmp_delete_after_days: int = 1
     nearline_after_days: int = 30
@@ -54,6 +83,8 @@ class AlertSettings:
     goodput_window_min: int = 30
     preemptions_per_hour: int = 6
     stall_min: int = 30
+    absent_min: int = 30
+    log_metric_wait_s: int = 600
 
 
 @dataclass
@@ -74,7 +105,8 @@ class InfraSettings:
     state_bucket: str | None = None
     outdir: str = "infra/cdktf.out"
     startup_dir: str = "startup"
-    image: str = MISSING
+    image: ImageSettings = field(default_factory=ImageSettings)
+    wheelhouse: WheelhouseSettings = field(default_factory=WheelhouseSettings)
     boot_disk_gb: int = 200
     secure_boot: bool = False
     instance_termination_action: str = "DELETE"
@@ -106,6 +138,7 @@ class WorkerSettings(NodeSettings):
     min: int = 1
     max: int = 4
     distribution: str = "ANY_SINGLE_ZONE"
+    zones: list[str] | None = None  # None: the master's zone when it trains, else infra.zones
 
 
 @dataclass
@@ -133,6 +166,13 @@ class Settings:
     def master_trains(self) -> bool:
         return self.topology.master.role == "trainer"
 
+    def worker_zones(self) -> list[str]:
+        """The zones the worker MIG may use: topology.workers.zones, else the master's zone when the
+        master trains (collectives stay in one zone), else every zone of infra.zones."""
+        if self.topology.workers.zones is not None:
+            return list(self.topology.workers.zones)
+        return [self.infra.zones[0]] if self.master_trains else list(self.infra.zones)
+
     def trainer_nodes(self) -> tuple[int, int]:
         """(min, max) nodes that train: the workers, plus the master when it trains."""
         extra = 1 if self.master_trains else 0
@@ -142,6 +182,11 @@ class Settings:
         """A configured path; relative ones are relative to the repository root, not the cwd."""
         p = Path(value)
         return p if p.is_absolute() else REPO / p
+
+
+def requires_python() -> str:
+    """pyproject.toml's requires-python: the one statement of which Python the harness runs on."""
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
 
 
 def load(overrides: Sequence[str] = ()) -> Settings:
@@ -225,6 +270,59 @@ def _node(key: str, node: NodeSettings) -> None:
                           f"allowed: {', '.join(map(str, shape.local_ssds))}{bundled}")
 
 
+def _zones(key: str, zones: Sequence[str], region: str) -> None:
+    if not zones:
+        raise ConfigError(f"{key} is empty; give at least one zone of infra.region={region!r}")
+    for n, zone in enumerate(zones):
+        if not re.fullmatch(rf"{re.escape(region)}-[a-z]", zone):
+            raise ConfigError(f"{key}[{n}]={zone!r} is outside infra.region={region!r}; "
+                              f"allowed: zones of {region}, e.g. {region}-a, {region}-b")
+    if len(set(zones)) != len(zones):
+        raise ConfigError(f"{key}={list(zones)} lists a zone twice")
+
+
+def _image(i: InfraSettings) -> None:
+    """A pinned image whose Python can run the harness, and exactly one source of torch."""
+    img = i.image
+    _matches("infra.image.project", img.project, r"[a-z][a-z0-9-]{4,61}[a-z0-9]", "a project id")
+    _matches("infra.image.name", img.name, r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?",
+             "an image name (not a path, not a family: `gcloud compute images list --project "
+             f"{img.project}` shows the dated names)")
+    for key in ("python", "glibc"):
+        _matches(f"infra.image.{key}", getattr(img, key), r"\d+\.\d+", "major.minor, e.g. 3.12")
+    spec = requires_python()
+    try:
+        compatible = SpecifierSet(spec).contains(img.python)
+    except InvalidSpecifier:
+        raise ConfigError(f"pyproject.toml requires-python={spec!r} is not a version specifier") from None
+    if not compatible:
+        raise ConfigError(f"infra.image.python={img.python!r} ({img.name}) does not satisfy pyproject.toml's "
+                          f"requires-python {spec!r}; allowed: an image whose python3 satisfies {spec!r}")
+    if img.torch is None and not i.wheelhouse.torch:
+        raise ConfigError(f"no torch on the VMs: infra.image.torch=null ({img.name} brings none) and "
+                          "infra.wheelhouse.torch=false; allowed: infra.wheelhouse.torch=true, or an image "
+                          "that brings torch with infra.image.torch=<its version>")
+    if img.torch is not None and i.wheelhouse.torch:
+        raise ConfigError(f"torch twice: infra.image.torch={img.torch!r} and infra.wheelhouse.torch=true; "
+                          "allowed: one of them (the release's venv would shadow the image's torch)")
+
+
+def warnings(s: Settings) -> list[str]:
+    """What synth and deploy point out without refusing: choices that cost money or hide problems."""
+    found = []
+    zones = s.worker_zones()
+    training_zones = set(zones) | ({s.infra.zones[0]} if s.master_trains else set())
+    spread = s.topology.workers.distribution != "ANY_SINGLE_ZONE" and len(zones) > 1
+    if len(training_zones) > 1 and (spread or s.master_trains):
+        found.append(f"training nodes may run in different zones ({', '.join(sorted(training_zones))}): "
+                     f"every all-reduce between them is billed ${s.infra.network.inter_zone_usd_per_gb:g}/GB "
+                     f"and is slower; keep them in one zone with topology.workers.zones=[{s.infra.zones[0]}]")
+    if not s.infra.alerts.emails:
+        found.append("no notification channel: every alert policy notifies nobody; set "
+                     "infra.alerts.emails=[you@example.com]")
+    return found
+
+
 def validate(s: Settings) -> None:
     """Every check that types cannot express; raises ConfigError naming the key and the allowed values."""
     i, t = s.infra, s.topology
@@ -233,20 +331,14 @@ def validate(s: Settings) -> None:
     _matches("infra.name", i.name, r"[a-z][a-z0-9-]{0,18}[a-z0-9]",
              "2-20 lowercase letters, digits or '-', starting with a letter (it prefixes every resource name)")
     _matches("infra.region", i.region, r"[a-z]+-[a-z]+[0-9]+", "a region such as us-central1")
-    if not i.zones:
-        raise ConfigError("infra.zones is empty; give at least one zone of infra.region")
-    for n, zone in enumerate(i.zones):
-        if not re.fullmatch(rf"{re.escape(i.region)}-[a-z]", zone):
-            raise ConfigError(f"infra.zones[{n}]={zone!r} is outside infra.region={i.region!r}; "
-                              f"allowed: zones of {i.region}, e.g. {i.region}-a, {i.region}-b")
-    if len(set(i.zones)) != len(i.zones):
-        raise ConfigError(f"infra.zones={i.zones} lists a zone twice")
+    _zones("infra.zones", i.zones, i.region)
     for key, value in i.labels.items():
         _matches(f"infra.labels.{key}", key, r"[a-z][a-z0-9_-]{0,62}", "label keys: lowercase letters, "
                  "digits, '_' or '-', starting with a letter")
         _matches(f"infra.labels.{key}", str(value), r"[a-z0-9_-]{0,63}",
                  "label values: up to 63 lowercase letters, digits, '_' or '-'")
     one_of("infra.instance_termination_action", i.instance_termination_action, TERMINATION_ACTIONS)
+    _image(i)
     _at_least("infra.boot_disk_gb", i.boot_disk_gb, 50)
     _matches("infra.wandb_secret", i.wandb_secret, r"[A-Za-z0-9_-]{1,255}",
              "a Secret Manager secret id: letters, digits, '_' or '-'")
@@ -268,6 +360,11 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"infra.alerts.goodput_below={a.goodput_below} must be in (0, 1]")
     for key in ("goodput_window_min", "preemptions_per_hour", "stall_min"):
         _at_least(f"infra.alerts.{key}", getattr(a, key), 1)
+    if not 2 <= a.absent_min <= 1440:  # Cloud Monitoring's range for a metric-absence duration
+        raise ConfigError(f"infra.alerts.absent_min={a.absent_min} is not allowed; use 2-1440 (minutes)")
+    _at_least("infra.alerts.log_metric_wait_s", a.log_metric_wait_s, 0)
+    if i.network.inter_zone_usd_per_gb < 0:
+        raise ConfigError(f"infra.network.inter_zone_usd_per_gb={i.network.inter_zone_usd_per_gb} must be >= 0")
     for n, email in enumerate(a.emails):
         _matches(f"infra.alerts.emails[{n}]", email, r"[^@\s]+@[^@\s]+\.[^@\s]+", "an email address")
 
@@ -280,6 +377,8 @@ def validate(s: Settings) -> None:
     if w.min > w.max:
         raise ConfigError(f"topology.workers.min={w.min} > topology.workers.max={w.max}; "
                           f"allowed: 0 <= min <= max")
+    if w.zones is not None:
+        _zones("topology.workers.zones", w.zones, i.region)
     _node("topology.master", m)
     _node("topology.workers", w)
     if m.role == "rendezvous" and m.checkpoint_disk_gb:

@@ -2,16 +2,22 @@
 (<outdir>/stacks/<infra.name>/cdk.tf.json) that Terraform or OpenTofu apply directly.
 
 CDKTF is deprecated upstream (December 2025): all logic lives in settings and the constructs, and the
-output uses nothing CDKTF-specific, so the JSON can be kept and applied without CDKTF."""
+output uses nothing CDKTF-specific, so the JSON can be kept and applied without CDKTF.
+
+Order on a fresh project: every resource depends on the APIs it needs being enabled; `make deploy`
+applies the FOUNDATION constructs first (APIs, bucket, identities and their grants), publishes the
+release, then applies the rest, so no VM boots before its release and its permissions exist."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cdktf import App, Fn, GcsBackend, LocalBackend, TerraformOutput, TerraformStack
+from cdktf import App, Fn, GcsBackend, LocalBackend, TerraformOutput, TerraformResource, TerraformStack
 from cdktf_cdktf_provider_google.provider import GoogleProvider
+from cdktf_cdktf_provider_time.provider import TimeProvider
 from constructs import Construct
 
+from infra.constructs.apis import Apis
 from infra.constructs.compute import Compute
 from infra.constructs.iam import Identities
 from infra.constructs.monitoring import Monitoring
@@ -22,6 +28,8 @@ from infra.settings import REPO, Settings
 from infra.vm import startup_scripts
 
 STATE_DIR = REPO / "infra" / "state"  # local Terraform state (git-ignored), outside the synth output
+# Construct ids of make deploy's first phase: everything the release upload and a booting VM need.
+FOUNDATION = ("apis", "storage", "iam")
 
 
 class TrainingStack(TerraformStack):
@@ -30,11 +38,13 @@ class TrainingStack(TerraformStack):
         super().__init__(scope, i.name)
         scripts = startup_scripts(settings)  # first: a missing script fails before anything is built
         GoogleProvider(self, "google", project=i.project, region=i.region, default_labels=dict(i.labels))
+        TimeProvider(self, "time")  # time_sleep: see infra/constructs/monitoring.py
         if i.state_bucket:
             GcsBackend(self, bucket=i.state_bucket, prefix=f"terraform/{i.name}")
         else:
             LocalBackend(self, path=str(STATE_DIR / f"{i.name}.tfstate"))
 
+        apis = Apis(self, "apis", settings)
         storage = CheckpointBucket(self, "storage", settings)
         identities = Identities(self, "iam", settings, storage.bucket)
         network = Network(self, "network", settings, identities)
@@ -55,6 +65,14 @@ class TrainingStack(TerraformStack):
         }
         for key, value in outputs.items():
             TerraformOutput(self, key, value=value)
+        self._after(apis.services)
+
+    def _after(self, services: list) -> None:
+        """Make every other resource depend on the enabled APIs (a fresh project has none of them)."""
+        names = [f"{s.terraform_resource_type}.{s.friendly_unique_id}" for s in services]
+        for node in self.node.find_all():
+            if isinstance(node, TerraformResource) and node not in services:
+                node.depends_on = [*(node.depends_on or []), *names]
 
 
 def synth(settings: Settings, release: str) -> Path:

@@ -3,10 +3,11 @@ work at all: a binary on PATH and Google credentials, before anything is synthes
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 BINARIES = ("terraform", "tofu")
@@ -48,3 +49,11 @@ def run(binary: str, stack_dir: Path, *args: str) -> None:
     """`<binary> <args>` in the stack directory, attached to this terminal; CalledProcessError on failure."""
     print(f"+ {Path(binary).name} {' '.join(args)}  (in {stack_dir})", flush=True)
     subprocess.run([binary, *args], cwd=stack_dir, check=True, env={**os.environ, "TF_IN_AUTOMATION": "1"})
+
+
+def targets(stack_dir: Path, construct_ids: Sequence[str]) -> list[str]:
+    """`-target=<type>.<name>` for every resource the synthesized stack holds under these constructs."""
+    tf = json.loads((stack_dir / "cdk.tf.json").read_text())
+    prefixes = tuple(f"{stack_dir.name}/{c}/" for c in construct_ids)
+    return [f"-target={kind}.{name}" for kind, resources in sorted(tf["resource"].items())
+            for name, body in sorted(resources.items()) if body["//"]["metadata"]["path"].startswith(prefixes)]

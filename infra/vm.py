@@ -12,9 +12,15 @@ SCRIPTS = {"startup-script": "startup.sh", "shutdown-script": "shutdown.sh"}
 HARDENING = {"enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE", "serial-port-enable": "FALSE"}
 
 
+def literal(value: str) -> str:
+    """`value` as a Terraform string that means exactly these characters: the template sequences
+    escaped (`${` -> `$${`, `%{` -> `%%{`), so neither a script nor an override is read as an
+    interpolation or a directive."""
+    return value.replace("${", "$${").replace("%{", "%%{")
+
+
 def startup_scripts(settings: Settings) -> dict[str, str]:
-    """The VM scripts from infra.startup_dir as metadata values: exact bytes, with Terraform's
-    template sequences escaped (`${` -> `$${`, `%{` -> `%%{`) so the VM receives the file unchanged."""
+    """The VM scripts from infra.startup_dir, exact bytes (metadata() escapes every literal value)."""
     folder = settings.path(settings.infra.startup_dir)
     scripts = {}
     for key, name in SCRIPTS.items():
@@ -22,7 +28,7 @@ def startup_scripts(settings: Settings) -> dict[str, str]:
         if not path.is_file():
             raise ConfigError(f"infra.startup_dir={settings.infra.startup_dir!r}: {path} is missing; the "
                               "VM scripts (startup.sh, shutdown.sh) are read from there at synth time")
-        scripts[key] = path.read_bytes().decode("utf-8").replace("${", "$${").replace("%{", "%%{")
+        scripts[key] = path.read_bytes().decode("utf-8")
     return scripts
 
 
@@ -43,11 +49,14 @@ def job_overrides(settings: Settings) -> list[str]:
 
 def metadata(settings: Settings, role: str, node: NodeSettings, *, scripts: dict[str, str], rdzv_endpoint: str,
              bucket: str, release: str, checkpoint_disk: bool) -> dict[str, str]:
-    """The metadata of a `role` node (master | worker | coordinator)."""
-    meta = {**scripts, **HARDENING, "spot-role": role, "spot-rdzv-endpoint": rdzv_endpoint,
-            "spot-bucket": bucket, "spot-release": release}
+    """The metadata of a `role` node (master | worker | coordinator). Every value is a literal and
+    escaped, except `rdzv_endpoint` and `bucket`: Terraform references that must stay interpolations."""
+    meta = {**scripts, **HARDENING, "spot-role": role, "spot-release": release,
+            # The preflight: the VM booted the Python the wheelhouse was built for, and sees its GPUs.
+            "spot-python": settings.infra.image.python, "spot-gpu-count": str(node.gpu_count)}
+    references = {"spot-rdzv-endpoint": rdzv_endpoint, "spot-bucket": bucket}
     if role == "coordinator":
-        return meta
+        return {**{k: literal(v) for k, v in meta.items()}, **references}
     lo, hi = settings.trainer_nodes()
     meta |= {
         "spot-run-id": settings.run_id,
@@ -60,4 +69,4 @@ def metadata(settings: Settings, role: str, node: NodeSettings, *, scripts: dict
         meta["spot-wandb-secret"] = settings.infra.wandb_secret
     if checkpoint_disk:
         meta["spot-pd-device"] = f"/dev/disk/by-id/google-{PD_DEVICE}"
-    return meta
+    return {**{k: literal(v) for k, v in meta.items()}, **references}

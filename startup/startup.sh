@@ -2,15 +2,17 @@
 # What a Spot training VM runs at every boot (the GCE startup-script).
 #
 # Reads its job from instance metadata, prepares the local SSDs (RAID-0 when there are several) and,
-# on the master, the persistent disk that holds checkpoints; installs the release from the bucket;
-# writes the W&B key into a root-only env file; writes and starts one systemd unit:
+# on the master, the persistent disk that holds checkpoints; waits for the release's manifest in the
+# bucket, downloads the release, checks every file's sha256 and installs it from its wheelhouse (no
+# package index) into a fresh directory; runs a preflight (Python, torch, GPUs); writes the W&B key
+# into a root-only env file; writes and starts one systemd unit:
 #   master, worker: spot-train.service       -> python -m harness.launch <overrides>
 #   coordinator:    spot-rendezvous.service  -> python -m harness.rendezvous --port <port>
 # Safe to run again after a reboot or on a recreated VM: nothing that exists is made twice, and a
 # persistent disk that has a filesystem is never formatted.
 #
 # Every external effect goes through curl, mdadm, mkfs.ext4, blkid, mount, mountpoint, systemctl,
-# gcloud and python3, and every file written lies under $SPOT_ROOT, so the script runs unprivileged
+# gcloud, python3 and sha256sum, and every file written lies under $SPOT_ROOT, so it runs unprivileged
 # against stubs (tests, the local Spot cloud). startup/README.md lists the environment it honours.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -19,6 +21,9 @@ readonly ROOT=${SPOT_ROOT:-}
 readonly MD_BASE="http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1"
 readonly SSD_GLOB=${SPOT_LOCAL_SSD_GLOB:-/dev/disk/by-id/google-local-nvme-ssd-*}
 readonly DEVICE_WAIT_S=${SPOT_DEVICE_WAIT_S:-60}
+readonly RELEASE_WAIT_S=${SPOT_RELEASE_WAIT_S:-1800}
+readonly RELEASE_POLL_S=${SPOT_RELEASE_POLL_S:-5}
+readonly CONSOLE=${SPOT_CONSOLE:-/dev/ttyS0}
 readonly UNIT_DIR="$ROOT/etc/systemd/system"
 readonly ETC_DIR="$ROOT/etc/spot"
 readonly OPT_DIR="$ROOT/opt/spot"
@@ -27,6 +32,7 @@ readonly MARKER_PATH_FILE="$ETC_DIR/marker-path"
 readonly RAID_DEVICE=/dev/md0
 readonly TRAIN_UNIT=spot-train.service
 readonly RDZV_UNIT=spot-rendezvous.service
+readonly PREFLIGHT_UNIT=spot-preflight.service
 readonly PREEMPTED_EXIT=75
 # Characters a path may hold to appear unquoted in a unit file (no whitespace, quotes, $ or %).
 readonly PLAIN_PATH='[A-Za-z0-9_@+=:,./-]*'
@@ -86,6 +92,15 @@ read_release() {
         RELEASE=$(attr spot-release)
         check spot-release "$RELEASE" '^[A-Za-z0-9._+-]+$' "a release version"
     fi
+}
+
+# What the preflight expects: the image's Python (empty: any) and the machine type's GPU count (0:
+# no GPU check, as on a CPU coordinator or the local Spot cloud).
+read_preflight() {
+    PYTHON_EXPECTED=$(attr spot-python "")
+    [[ -z $PYTHON_EXPECTED ]] || check spot-python "$PYTHON_EXPECTED" '^[0-9]+\.[0-9]+$' "major.minor, e.g. 3.12"
+    GPU_COUNT=$(attr spot-gpu-count 0)
+    check spot-gpu-count "$GPU_COUNT" '^[0-9]+$' "a GPU count"
 }
 
 read_training_job() {
@@ -209,8 +224,12 @@ prepare_persistent_disk() {
 
 # --- release --------------------------------------------------------------------------------------
 
-# Sets HARNESS_PYTHON: SPOT_HARNESS_PYTHON as given, or the venv the release is installed into.
+# Sets HARNESS_PYTHON and CONF_DIR: SPOT_HARNESS_PYTHON as given (no conf), or the release's venv.
+# A release is installed into releases/<version>/ and marked .installed last; one found without the
+# mark (an earlier boot died half-way) is removed and installed again. The switch to a new release
+# is the unit file, rewritten atomically to point at it once it is complete.
 install_release() {
+    CONF_DIR=""
     if [[ -n ${SPOT_HARNESS_PYTHON:-} ]]; then
         HARNESS_PYTHON=$SPOT_HARNESS_PYTHON
         [[ $HARNESS_PYTHON == /* ]] || HARNESS_PYTHON=$(command -v "$HARNESS_PYTHON") ||
@@ -218,38 +237,183 @@ install_release() {
         log "SPOT_HARNESS_PYTHON set: using $HARNESS_PYTHON, not installing a release"
         return
     fi
-    local release_dir="$OPT_DIR/releases/$RELEASE" venv="$OPT_DIR/venv"
-    HARNESS_PYTHON="$venv/bin/python"
-    if [[ -f $release_dir/.installed && -x $HARNESS_PYTHON ]]; then
+    local release_dir="$OPT_DIR/releases/$RELEASE"
+    HARNESS_PYTHON="$release_dir/venv/bin/python"
+    CONF_DIR="$release_dir/conf"
+    if [[ -f $release_dir/.installed ]]; then
         log "release $RELEASE is already installed"
     else
+        rm -rf "$release_dir"
+        mkdir -p "$release_dir"
+        wait_for_manifest "$release_dir/manifest.json"
         download_release "$release_dir"
-        install_wheel "$release_dir" "$venv"
+        install_wheels "$release_dir"
         touch "$release_dir/.installed"
+        log "installed release $RELEASE"
     fi
-    ln -sfn "$release_dir/conf" "$OPT_DIR/conf"
+    remove_other_releases
 }
 
+# wait_for_manifest DEST: make deploy publishes manifest.json last, so its presence says the release
+# is complete. Poll with backoff (RELEASE_POLL_S doubling up to 60 s) for up to RELEASE_WAIT_S.
+wait_for_manifest() {
+    local url="gs://$BUCKET/releases/$RELEASE/manifest.json" delay=$RELEASE_POLL_S waited=0
+    until gcloud storage cp "$url" "$1" 2>/dev/null; do
+        ((waited < RELEASE_WAIT_S)) ||
+            die "release $RELEASE is not published: no $url after ${RELEASE_WAIT_S}s (did make deploy finish?)"
+        log "waiting for $url (make deploy publishes it); next try in ${delay}s"
+        sleep "$delay"
+        waited=$((waited + delay))
+        delay=$((delay * 2 > 60 ? 60 : delay * 2))
+    done
+}
+
+# manifest_files MANIFEST: one line per file: "<sha256> <object> <path>".
+manifest_files() {
+    python3 - "$1" <<'PY'
+import json
+import sys
+
+for path, entry in sorted(json.load(open(sys.argv[1]))["files"].items()):
+    print(entry["sha256"], entry["object"], path)
+PY
+}
+
+# download_release DIR: every file the manifest lists, then every sha256 checked.
 download_release() {
-    log "downloading gs://$BUCKET/releases/$RELEASE"
-    mkdir -p "$1"
+    local sha object path sums="" n=0 failed
+    local -a wheels=()
+    log "downloading release $RELEASE from gs://$BUCKET"
+    while read -r sha object path; do
+        [[ $sha =~ ^[0-9a-f]{64}$ && $path =~ ^[A-Za-z0-9._+/-]+$ && $path != *..* ]] ||
+            die "gs://$BUCKET/releases/$RELEASE/manifest.json lists a malformed entry: $sha $object $path"
+        if [[ $path == wheels/* ]]; then wheels+=("gs://$BUCKET/$object"); fi
+        sums+="$sha  $path"$'\n'
+        n=$((n + 1))
+    done < <(manifest_files "$1/manifest.json")
+    ((n > 0)) || die "gs://$BUCKET/releases/$RELEASE/manifest.json lists no files"
     gcloud storage cp --recursive "gs://$BUCKET/releases/$RELEASE/*" "$1/"
+    if ((${#wheels[@]})); then
+        mkdir -p "$1/wheels"
+        gcloud storage cp "${wheels[@]}" "$1/wheels/"
+    fi
+    failed=$(cd "$1" && sha256sum --check --quiet --strict 2>&1 <<<"${sums%$'\n'}") ||
+        die "release $RELEASE failed its sha256 check, not installed: ${failed//$'\n'/; }"
     [[ -d $1/conf ]] || die "gs://$BUCKET/releases/$RELEASE has no conf/ folder"
+    log "downloaded $n files of release $RELEASE, every sha256 matches its manifest"
 }
 
-# install_wheel RELEASE_DIR VENV. The venv sees the image's packages (the GPU build of torch).
-install_wheel() {
-    local -a wheels
+# install_wheels RELEASE_DIR: a venv from the release's wheelhouse alone (no package index). pip
+# itself comes from the wheelhouse (the image's python3 may lack ensurepip); the venv sees the
+# image's packages, for images that bring torch.
+install_wheels() {
+    local -a wheels pips pip
     mapfile -t wheels < <(compgen -G "$1/spot_harness-*-py3-none-any.whl" || true)
     ((${#wheels[@]} == 1)) || die "expected one spot_harness wheel in gs://$BUCKET/releases/$RELEASE, found ${#wheels[@]}"
-    [[ -x $2/bin/python ]] || python3 -m venv --system-site-packages "$2"
-    local -a pip=("$2/bin/python" -m pip install --quiet --disable-pip-version-check --no-input)
-    if [[ -f $1/requirements.txt ]]; then
-        "${pip[@]}" -r "$1/requirements.txt"
+    mapfile -t pips < <(compgen -G "$1/wheels/pip-*.whl" || true)
+    ((${#pips[@]} == 1)) || die "expected one pip wheel in the wheelhouse of release $RELEASE, found ${#pips[@]}"
+    python3 -m venv --system-site-packages --without-pip "$1/venv"
+    pip=("$1/venv/bin/python" "${pips[0]}/pip" install --quiet --disable-pip-version-check --no-input
+        --no-index --find-links "$1/wheels")
+    "${pip[@]}" -r "$1/requirements.txt"
+    "${pip[@]}" --no-deps "${wheels[0]}"
+    log "installed ${wheels[0]##*/} and its wheelhouse into $1/venv"
+}
+
+remove_other_releases() {
+    local dir
+    for dir in "$OPT_DIR"/releases/*; do
+        if [[ -d $dir && $dir != "$OPT_DIR/releases/$RELEASE" ]]; then
+            rm -rf "$dir"
+            log "removed release ${dir##*/}"
+        fi
+    done
+}
+
+# --- preflight ------------------------------------------------------------------------------------
+
+# preflight: the harness's Python is the one the release was built for, imports torch, and sees the
+# machine type's GPUs. On failure: one line to the serial console and the guest log, 503 with the
+# reason on the health port (trainers), and exit 1 without starting the job (no restart loop).
+preflight() {
+    local out rc=0
+    out=$("$HARNESS_PYTHON" - "$PYTHON_EXPECTED" "$GPU_COUNT" 2>&1 <<'PY'
+import sys
+
+want, gpus = sys.argv[1], int(sys.argv[2])
+have = "%d.%d" % sys.version_info[:2]
+if want and have != want:
+    sys.exit(f"Python {have} at {sys.executable}, but the release is built for {want} (infra.image.python)")
+try:
+    import torch
+except Exception as err:  # noqa: BLE001 - any failure to import is the reason to report
+    sys.exit(f"import torch failed: {err!r}")
+if gpus and not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__} sees no CUDA device, the machine type has {gpus} GPU(s)")
+if gpus and torch.cuda.device_count() != gpus:
+    sys.exit(f"torch sees {torch.cuda.device_count()} GPU(s), the machine type has {gpus}")
+print(f"Python {have}, torch {torch.__version__}, {gpus} GPU(s)")
+PY
+    ) || rc=$?
+    if ((rc == 0)); then
+        log "preflight: ${out##*$'\n'}"
+        return
     fi
-    # A new release may carry the same package version: reinstall the wheel every time.
-    "${pip[@]}" --force-reinstall --no-deps "${wheels[0]}"
-    log "installed ${wheels[0]##*/} into $2"
+    preflight_failed "${out##*$'\n'}"
+}
+
+preflight_failed() {
+    local unit
+    printf 'spot-startup: preflight failed: %s\n' "$1" >>"$CONSOLE" 2>/dev/null || true
+    log "ERROR: preflight failed: $1"
+    if [[ $ROLE != coordinator ]]; then
+        mkdir -p "$ETC_DIR" "$OPT_DIR"
+        printf '%s\n' "$1" >"$ETC_DIR/preflight-failed"
+        unit=$(preflight_unit)
+        install_unit "$PREFLIGHT_UNIT" "$unit"
+        start_unit "$PREFLIGHT_UNIT"
+    fi
+    exit 1
+}
+
+# Answers every request on the health port with 503 and the preflight's reason, so autohealing and
+# whoever looks at the instance group see why this VM does not train.
+preflight_unit() {
+    local python exec_start
+    python=$(command -v python3) || die "no python3 on this image"
+    cat >"$OPT_DIR/preflight-failed.py" <<'PY'
+import http.server
+import sys
+
+body = f"preflight failed: {open(sys.argv[2]).read().strip()}\n".encode()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.ThreadingHTTPServer(("", int(sys.argv[1])), Handler).serve_forever()
+PY
+    exec_start=$(exec_line "$python" "$OPT_DIR/preflight-failed.py" "$HEALTH_PORT" "$ETC_DIR/preflight-failed")
+    cat <<EOF
+# Written by startup.sh when the preflight failed: serves 503 and the reason on the health port.
+[Unit]
+Description=Spot preflight failed: 503 on port $HEALTH_PORT
+
+[Service]
+Type=simple
+$exec_start
+Restart=always
+RestartSec=5
+EOF
 }
 
 # --- W&B key --------------------------------------------------------------------------------------
@@ -373,7 +537,7 @@ EOF
 # With an installed release, SPOT_CONF_DIR names its Hydra config tree.
 service_environment() {
     printf 'Environment=PYTHONUNBUFFERED=1\n'
-    if [[ -z ${SPOT_HARNESS_PYTHON:-} ]]; then printf 'Environment=SPOT_CONF_DIR=%s\n' "$OPT_DIR/conf"; fi
+    if [[ -n $CONF_DIR ]]; then printf 'Environment=SPOT_CONF_DIR=%s\n' "$CONF_DIR"; fi
 }
 
 # install_unit NAME CONTENT: write the unit only when it differs; sets UNITS_CHANGED.
@@ -403,7 +567,9 @@ start_unit() {
 run_coordinator() {
     local unit
     if [[ -z ${SPOT_HARNESS_PYTHON:-} ]]; then read_release; fi
+    read_preflight
     install_release
+    preflight
     mkdir -p "$OPT_DIR"
     unit=$(rendezvous_unit)
     install_unit "$RDZV_UNIT" "$unit"
@@ -414,9 +580,11 @@ run_trainer() {
     local unit marker
     read_training_job
     read_release
+    read_preflight
     prepare_local_ssd
     if [[ $ROLE == master ]]; then prepare_persistent_disk; fi
     install_release
+    preflight
     write_env_file
     mkdir -p "$OPT_DIR"
     # shutdown.sh waits for this file after signalling the trainer.

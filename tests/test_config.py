@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
 
 from harness import config
@@ -21,7 +22,7 @@ def test_defaults_compose_and_carry_the_contract_keys():
     assert cfg.model.vocab_size == cfg.data.vocab_size
     for key in ("seed", "train.max_steps", "train.global_batch_size", "train.grad_accum",
                 "checkpoint.interval_steps", "wandb.project", "launch.nproc_per_node"):
-        assert config.OmegaConf.select(cfg, key, default="MISSING") != "MISSING", key
+        assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", key
 
 
 @pytest.mark.parametrize(

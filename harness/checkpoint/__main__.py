@@ -51,15 +51,14 @@ def list_stores(urls: Sequence[str], console: Console) -> int:
             bad += status != "ok"
             table.add_row(str(step), f"{size / 1e6:.1f} MB", _age(time.time() - created) if created else "-", status)
         console.print(table)
-        if quarantined := store.quarantined():
-            held = Table(title=f"{url}: quarantined (kept until `purge-quarantine`)")
-            for column in ("step", "when", "reason", "where"):
-                held.add_column(column)
+        if quarantined := store.quarantined():  # plain lines: paths and reasons must not be cut
+            console.print(f"{url}: {len(quarantined)} quarantined (kept until `purge-quarantine {url}`):",
+                          markup=False, soft_wrap=True)
             for q in quarantined:
                 r = q.reason
-                held.add_row(str(r.get("step", "?")), str(r.get("when", "-")),
-                             str(r.get("reason", "(no reason recorded)")), q.where)
-            console.print(held)
+                console.print(f"  step {r.get('step', '?')} at {r.get('when', '-')}: "
+                              f"{r.get('reason', '(no reason recorded)')}\n    kept in {q.where}",
+                              markup=False, soft_wrap=True, highlight=False)
     return 1 if bad else 0
 
 

@@ -79,6 +79,7 @@ class Compute(Construct):
                  bucket: StorageBucket, scripts: dict[str, str], release: str):
         super().__init__(scope, id_)
         self._s, self._network = settings, network
+        self._bindings = identities.bindings
         i, t = settings.infra, settings.topology
         self.rdzv_address = ComputeAddress(self, "rdzv-address", name=f"{i.name}-rdzv", address_type="INTERNAL",
                                            subnetwork=network.subnet.id, region=i.region)
@@ -113,7 +114,7 @@ class Compute(Construct):
         i, node = self._s.infra, role.node
         shape = machines.shape(node.machine_type)
         assert shape is not None  # settings.validate checked it
-        disks = [ComputeInstanceTemplateDisk(boot=True, auto_delete=True, source_image=i.image,
+        disks = [ComputeInstanceTemplateDisk(boot=True, auto_delete=True, source_image=i.image.self_link,
                                              disk_size_gb=i.boot_disk_gb, disk_type="pd-balanced")]
         if not shape.local_ssd_bundled:  # A2 Ultra and A3 attach theirs automatically
             # No device names: the guest names NVMe Local SSDs google-local-nvme-ssd-N, which startup.sh globs.
@@ -163,10 +164,10 @@ class Compute(Construct):
             stateful_disk=[ComputeInstanceGroupManagerStatefulDisk(
                 device_name=vm.PD_DEVICE, delete_rule="ON_PERMANENT_INSTANCE_DELETION")]
             if role.checkpoint_disk_gb else None,
-            wait_for_instances=False)
+            wait_for_instances=False, depends_on=self._bindings)
         ComputePerInstanceConfig(
             self, "master-instance", zone=zone, instance_group_manager=mig.name, name=f"{i.name}-{role.name}",
-            remove_instance_on_destroy=True,
+            remove_instance_on_destroy=True, depends_on=self._bindings,
             preserved_state=ComputePerInstanceConfigPreservedState(internal_ip=[
                 ComputePerInstanceConfigPreservedStateInternalIp(
                     interface_name="nic0", auto_delete="NEVER",
@@ -175,21 +176,22 @@ class Compute(Construct):
         return mig
 
     def _worker_group(self, role: Role, check: ComputeHealthCheck) -> ComputeRegionInstanceGroupManager:
-        """A regional MIG over infra.zones that keeps topology.workers.max workers asked for."""
+        """A regional MIG over the worker zones that keeps topology.workers.max workers asked for."""
         i, w = self._s.infra, self._s.topology.workers
+        zones = self._s.worker_zones()
         return ComputeRegionInstanceGroupManager(
             self, "workers", name=f"{i.name}-workers", base_instance_name=f"{i.name}-worker", region=i.region,
             version=[ComputeRegionInstanceGroupManagerVersion(instance_template=self._template(role).id,
                                                               name="primary")],
-            target_size=w.max, distribution_policy_zones=list(i.zones), distribution_policy_target_shape=w.distribution,
+            target_size=w.max, distribution_policy_zones=zones, distribution_policy_target_shape=w.distribution,
             auto_healing_policies=ComputeRegionInstanceGroupManagerAutoHealingPolicies(
                 health_check=check.id, initial_delay_sec=i.health_check.initial_delay_s),
             update_policy=ComputeRegionInstanceGroupManagerUpdatePolicy(
                 type="OPPORTUNISTIC", minimal_action="REPLACE", most_disruptive_allowed_action="REPLACE",
-                instance_redistribution_type="NONE", max_surge_fixed=0, max_unavailable_fixed=len(i.zones)),
+                instance_redistribution_type="NONE", max_surge_fixed=0, max_unavailable_fixed=len(zones)),
             instance_lifecycle_policy=ComputeRegionInstanceGroupManagerInstanceLifecyclePolicy(
                 default_action_on_failure="REPAIR", force_update_on_repair="YES"),
             named_port=[ComputeRegionInstanceGroupManagerNamedPort(name="healthz", port=self._s.health_port)],
-            wait_for_instances=False)
+            wait_for_instances=False, depends_on=self._bindings)
 
 

@@ -1,9 +1,10 @@
 """Identities of the nodes, with least privilege: training nodes read and write objects of the
 checkpoint bucket only (a bucket-level binding), write logs and metrics, and read the W&B key; a
-rendezvous-only coordinator may only read the published release. Nothing else, nowhere else."""
+rendezvous-only coordinator may only read the published release and its wheels. Nothing else, nowhere else."""
 
 from __future__ import annotations
 
+from cdktf import TerraformResource
 from cdktf_cdktf_provider_google.project_iam_member import ProjectIamMember
 from cdktf_cdktf_provider_google.secret_manager_secret import (
     SecretManagerSecret,
@@ -19,7 +20,7 @@ from cdktf_cdktf_provider_google.storage_bucket_iam_member import (
 )
 from constructs import Construct
 
-from infra.release import RELEASES
+from infra.release import RELEASES, WHEELS
 from infra.settings import Settings
 
 NODE_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
@@ -32,20 +33,25 @@ class Identities(Construct):
     def __init__(self, scope: Construct, id_: str, settings: Settings, bucket: StorageBucket):
         super().__init__(scope, id_)
         i = settings.infra
+        # Every grant a node needs at boot: the instance groups depend on all of them (a VM booting
+        # before its bucket binding exists gets 403 on the release).
+        self.bindings: list[TerraformResource] = []
         self.trainer = self._account("trainer", f"{i.name}-train", "Spot training nodes", settings)
-        StorageBucketIamMember(self, "trainer-objects", bucket=bucket.name, role="roles/storage.objectUser",
-                               member=self.member(self.trainer))
+        self.bindings.append(StorageBucketIamMember(
+            self, "trainer-objects", bucket=bucket.name, role="roles/storage.objectUser",
+            member=self.member(self.trainer)))
         self.coordinator: ServiceAccount | None = None
         if not settings.master_trains:
             self.coordinator = self._account("coordinator", f"{i.name}-rdzv", "Rendezvous coordinator", settings)
             # Bucket-level list (to copy the release folder) and object reads under releases/ only.
-            StorageBucketIamMember(
+            self.bindings.append(StorageBucketIamMember(
                 self, "coordinator-release", bucket=bucket.name, role="roles/storage.objectViewer",
                 member=self.member(self.coordinator),
                 condition=StorageBucketIamMemberCondition(
                     title="release-only",
                     expression=f'resource.type == "storage.googleapis.com/Bucket" || resource.name.startsWith('
-                               f'"projects/_/buckets/{i.bucket.name}/objects/{RELEASES}/")'))
+                               f'"projects/_/buckets/{i.bucket.name}/objects/{RELEASES}/") || '
+                               f'resource.name.startsWith("projects/_/buckets/{i.bucket.name}/objects/{WHEELS}/")')))
         secret_id = i.wandb_secret
         if i.create_wandb_secret:
             # The secret only: its value is added out of band and never enters config or state.
@@ -53,14 +59,16 @@ class Identities(Construct):
                 self, "wandb-secret", secret_id=i.wandb_secret,
                 replication=SecretManagerSecretReplication(auto=SecretManagerSecretReplicationAuto()))
             secret_id = secret.secret_id
-        SecretManagerSecretIamMember(self, "trainer-wandb", project=i.project, secret_id=secret_id,
-                                     role="roles/secretmanager.secretAccessor", member=self.member(self.trainer))
+        self.bindings.append(SecretManagerSecretIamMember(
+            self, "trainer-wandb", project=i.project, secret_id=secret_id,
+            role="roles/secretmanager.secretAccessor", member=self.member(self.trainer)))
 
     def _account(self, id_: str, account_id: str, title: str, settings: Settings) -> ServiceAccount:
         account = ServiceAccount(self, id_, account_id=account_id, display_name=f"{settings.infra.name}: {title}")
         for role in NODE_ROLES:
-            ProjectIamMember(self, f"{id_}-{role.rsplit('.', 1)[-1]}", project=settings.infra.project,
-                             role=role, member=self.member(account))
+            self.bindings.append(ProjectIamMember(
+                self, f"{id_}-{role.rsplit('.', 1)[-1]}", project=settings.infra.project, role=role,
+                member=self.member(account)))
         return account
 
     @property

@@ -1,7 +1,12 @@
 """What to watch: descriptors of the harness's custom metrics (names imported from
 harness/telemetry/metric_names.py), a log-based count of Spot preemptions from Compute Engine's
-audit log, alert policies on goodput, preemption rate and stalled progress, email channels and a
-dashboard."""
+audit log, alert policies on goodput, preemption rate, stalled progress and absent progress, email
+channels and a dashboard.
+
+Two conditions watch progress because each misses what the other sees: "stalled" (the last step
+stopped changing) needs somebody still writing the metric; "absent" fires when nobody writes it at
+all (every worker preempted, no Spot capacity, the job crashed). Each policy's documentation names
+the runbook step in the README ("When an alert fires") that handles it."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from cdktf_cdktf_provider_google.logging_metric import LoggingMetric, LoggingMet
 from cdktf_cdktf_provider_google.monitoring_alert_policy import (
     MonitoringAlertPolicy,
     MonitoringAlertPolicyConditions,
+    MonitoringAlertPolicyConditionsConditionAbsent,
+    MonitoringAlertPolicyConditionsConditionAbsentAggregations,
     MonitoringAlertPolicyConditionsConditionPrometheusQueryLanguage,
     MonitoringAlertPolicyConditionsConditionThreshold,
     MonitoringAlertPolicyConditionsConditionThresholdAggregations,
@@ -23,6 +30,7 @@ from cdktf_cdktf_provider_google.monitoring_metric_descriptor import (
     MonitoringMetricDescriptorLabels,
 )
 from cdktf_cdktf_provider_google.monitoring_notification_channel import MonitoringNotificationChannel
+from cdktf_cdktf_provider_time.sleep import Sleep
 from constructs import Construct
 
 from harness.telemetry import metric_names as mn
@@ -39,6 +47,15 @@ METRICS = {  # metric type -> (value type, unit, description)
     mn.PREEMPTIONS: ("INT64", "1", "Preemptions the job has seen"),
     mn.LAST_STEP: ("INT64", "1", "Last completed training step"),
     mn.CHECKPOINT_BLOCKING_SECONDS: ("DOUBLE", "s", "Seconds the training loop waited for a checkpoint"),
+}
+
+
+# The README's "When an alert fires" steps, by policy: what each alert's documentation points to.
+RUNBOOK = {
+    "goodput": "1. Goodput is low",
+    "preemptions": "2. Too many preemptions",
+    "stalled": "3. Training stalled",
+    "absent": "4. No node reports progress",
 }
 
 
@@ -90,6 +107,11 @@ class Monitoring(Construct):
                 f'protoPayload.resourceName:"/instances/{i.name}-"']),
             metric_descriptor=LoggingMetricMetricDescriptor(metric_kind="DELTA", value_type="INT64", unit="1"))
         preemption_type = f"logging.googleapis.com/user/{preemptions.name}"
+        # The alerting API cannot find a new log-based metric for up to 10 minutes (404 "Cannot find
+        # metric(s)", terraform-provider-google#11102) and depends_on alone does not wait: a time_sleep
+        # after the metric does, once, at its creation.
+        preemptions_ready = [Sleep(self, "preemption-metric-visible", create_duration=f"{a.log_metric_wait_s}s",
+                                   depends_on=[preemptions])] if a.log_metric_wait_s else [preemptions]
         self.channels = [
             MonitoringNotificationChannel(self, f"email-{n}", type="email", display_name=f"{i.name} alerts: {email}",
                                           labels={"email_address": email})
@@ -109,7 +131,7 @@ class Monitoring(Construct):
                              f'resource.type="gce_instance" AND metric.type="{preemption_type}"', "COMPARISON_GT",
                              a.preemptions_per_hour, 0, 3600, "ALIGN_SUM", "REDUCE_SUM")),
                      "Spot capacity is scarce here: consider more zones (topology.workers.distribution), "
-                     "another region, or the hybrid topology.", [preemptions])
+                     "another region, or the hybrid topology.", preemptions_ready)
         step = f'{promql_name(mn.LAST_STEP)}{{monitored_resource="{RESOURCE}"}}'
         self._policy("stalled", f"no training progress for {a.stall_min} min",
                      MonitoringAlertPolicyConditions(
@@ -119,6 +141,15 @@ class Monitoring(Construct):
                              evaluation_interval="60s")),
                      "The last completed step has not changed: the job is stuck (rendezvous waiting for "
                      "nodes, a hung collective) or cannot get capacity.", descriptors)
+        self._policy("absent", f"no training steps reported for {a.absent_min} min",
+                     MonitoringAlertPolicyConditions(
+                         display_name="absent", condition_absent=MonitoringAlertPolicyConditionsConditionAbsent(
+                             filter=f'{job_filter}"{mn.LAST_STEP}"', duration=f"{a.absent_min * 60}s",
+                             aggregations=[MonitoringAlertPolicyConditionsConditionAbsentAggregations(
+                                 alignment_period="300s", per_series_aligner="ALIGN_MAX",
+                                 cross_series_reducer="REDUCE_MAX")])),
+                     "No node writes the last-step metric any more: every worker is preempted and none "
+                     "came back (no Spot capacity), the job crashed on every node, or it finished.", descriptors)
 
         nodes = (f'metric.type="compute.googleapis.com/instance_group/size" resource.type="instance_group" '
                  f'resource.label.instance_group_name=starts_with("{i.name}-")')
@@ -139,8 +170,10 @@ class Monitoring(Construct):
 
     def _policy(self, id_: str, title: str, condition: MonitoringAlertPolicyConditions, runbook: str,
                 depends_on: list) -> None:
+        content = (f"{runbook}\n\nRunbook: README, Deploy to Google Cloud > When an alert fires, step "
+                   f"\"{RUNBOOK[id_]}\". The job's log: `make logs ARGS=\"run.name=<run>\"`.")
         MonitoringAlertPolicy(
             self, f"alert-{id_}", display_name=f"{self._name}: {title}", combiner="OR", conditions=[condition],
             notification_channels=[c.id for c in self.channels], severity="WARNING",
-            documentation=MonitoringAlertPolicyDocumentation(content=runbook, mime_type="text/markdown"),
+            documentation=MonitoringAlertPolicyDocumentation(content=content, mime_type="text/markdown"),
             depends_on=depends_on)

@@ -3,10 +3,18 @@ rules that clean temporary objects and move old checkpoints to a cheaper class.
 
 Versioning and soft delete are off by default on purpose: checkpoint retention deletes multi-GB
 objects all the time, and both would keep (and bill) every deleted one. A commit is protected by
-the harness (manifest written last, generation preconditions), not by object versions."""
+the harness (manifest written last, generation preconditions), not by object versions.
+
+Object access is audited by Cloud Audit Logs (Data Access) for Cloud Storage, which this construct
+turns on for the project (`infra.bucket.data_access_logs`), instead of bucket usage logs, which would
+need a second bucket. The audit config is authoritative for storage.googleapis.com in the project."""
 
 from __future__ import annotations
 
+from cdktf_cdktf_provider_google.project_iam_audit_config import (
+    ProjectIamAuditConfig,
+    ProjectIamAuditConfigAuditLogConfig,
+)
 from cdktf_cdktf_provider_google.storage_bucket import (
     StorageBucket,
     StorageBucketLifecycleRule,
@@ -53,3 +61,8 @@ class CheckpointBucket(Construct):
             versioning=StorageBucketVersioning(enabled=b.versioning),
             soft_delete_policy=StorageBucketSoftDeletePolicy(retention_duration_seconds=b.soft_delete_days * DAY_S),
             lifecycle_rule=rules, force_destroy=b.force_destroy)
+        if b.data_access_logs:
+            ProjectIamAuditConfig(
+                self, "data-access-logs", project=settings.infra.project, service="storage.googleapis.com",
+                audit_log_config=[ProjectIamAuditConfigAuditLogConfig(log_type=kind)
+                                  for kind in ("DATA_READ", "DATA_WRITE")])

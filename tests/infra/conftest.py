@@ -89,3 +89,9 @@ def synth(synth_root: Path, startup_dir: Path) -> Callable[..., Synthesized]:
 def topologies(synth: Callable[..., Synthesized], synth_root: Path) -> dict[str, Synthesized]:
     """Each topology with the defaults, under <synth_root>/topologies/ (what checkov scans)."""
     return {t: synth(f"topology={t}", outdir=synth_root / "topologies" / t) for t in TOPOLOGIES}
+
+
+@pytest.fixture(scope="session")
+def wheelhouse_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One wheel cache (infra.wheelhouse.cache_dir) for the session: the wheels are downloaded once."""
+    return tmp_path_factory.mktemp("wheelhouse")

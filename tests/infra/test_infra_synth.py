@@ -102,7 +102,7 @@ def test_alert_thresholds_and_addresses_come_from_config(synth):
     channels = s.resources("google_monitoring_notification_channel")
     assert sorted(c["labels"]["email_address"] for c in channels.values()) == ["ml@example.org", "ops@example.com"]
     policies = {p["conditions"][0]["display_name"]: p for p in s.resources("google_monitoring_alert_policy").values()}
-    assert set(policies) == {"goodput", "preemptions", "stalled"}
+    assert set(policies) == {"goodput", "preemptions", "stalled", "absent"}
     for policy in policies.values():
         assert sorted(policy["notification_channels"]) == sorted(
             f"${{google_monitoring_notification_channel.{name}.id}}" for name in channels)
@@ -253,7 +253,7 @@ def test_overrides_change_the_output(topologies, synth):
     assert bigger.template("worker")["metadata"]["spot-nnodes"] == "2:9"
 
     moved = synth("infra.region=europe-west4", "infra.zones=[europe-west4-a,europe-west4-b]",
-                  "topology.workers.distribution=BALANCED")
+                  "topology.workers.zones=[europe-west4-a,europe-west4-b]", "topology.workers.distribution=BALANCED")
     workers = moved.one("google_compute_region_instance_group_manager")
     assert workers["region"] == "europe-west4"
     assert workers["distribution_policy_zones"] == ["europe-west4-a", "europe-west4-b"]

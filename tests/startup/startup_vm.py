@@ -9,6 +9,8 @@ second run to see what the first one did.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -55,6 +57,36 @@ class Vm:
                 "spot-pd-device": str(self.pd_device),
             }
         )
+        self.publish_release("v7")
+
+    def bucket_path(self, object_name: str, bucket: str = "spot-bkt") -> Path:
+        """Where the gcloud stub keeps an object of the fake bucket."""
+        return self.state / "bucket" / bucket / object_name
+
+    def publish_release(self, version: str, *, manifest: bool = True, corrupt: str | None = None) -> dict:
+        """Publish a release as `make deploy` does (infra/release.py's layout): files under
+        releases/<version>/, wheels under wheels/, manifest.json (with every sha256) last. `corrupt`
+        names a file whose uploaded bytes differ from what its manifest entry says."""
+        files = {
+            "spot_harness-0.1.0-py3-none-any.whl": b"harness wheel",
+            "requirements.txt": b"numpy==2.4.6\n",
+            "conf/config.yaml": b"defaults: []\n",
+        }
+        wheels = {"pip-24.0-py3-none-any.whl": b"pip wheel", "numpy-2.4.6-cp312-cp312-manylinux_2_27_x86_64.whl": b"np"}
+        entries = {}
+        for path, data in [*files.items(), *((f"wheels/{n}", d) for n, d in wheels.items())]:
+            obj = path if path.startswith("wheels/") else f"releases/{version}/{path}"
+            target = self.bucket_path(obj)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data + (b" tampered" if path == corrupt else b""))
+            entries[path] = {"object": obj, "sha256": hashlib.sha256(data).hexdigest()}
+        content = {"release": version, "wheel": "spot_harness-0.1.0-py3-none-any.whl", "files": entries}
+        if manifest:
+            self.bucket_path(f"releases/{version}/manifest.json").write_text(json.dumps(content))
+        return content
+
+    def unpublish(self, version: str) -> None:
+        self.bucket_path(f"releases/{version}/manifest.json").unlink()
 
     def add_ssds(self, count: int) -> list[str]:
         paths = [self.dev / f"google-local-nvme-ssd-{i}" for i in range(count)]
@@ -85,6 +117,8 @@ class Vm:
             "SPOT_DEVICE_WAIT_S": "2",
             "STUB_LOG": str(self.log),
             "STUB_STATE": str(self.state),
+            "SPOT_RELEASE_POLL_S": "1",
+            "SPOT_CONSOLE": str(self.tmp / "console"),
         }
         env.update(self.env)
         env.update(extra)
@@ -97,6 +131,16 @@ class Vm:
 
     def startup(self, **extra: str) -> subprocess.CompletedProcess[str]:
         return self.run(STARTUP_SH, **extra)
+
+    def startup_in_background(self, **extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(["bash", str(STARTUP_SH)], env=self.base_env(**extra), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def release_dir(self, version: str = "v7") -> Path:
+        return self.path(f"/opt/spot/releases/{version}")
+
+    def pip_installs(self) -> list[list[str]]:
+        return [c for c in self.calls("venv-python") if "install" in c]
 
     def calls(self, name: str | None = None) -> list[list[str]]:
         """The stub calls so far, each as [command, args...], optionally only those of one command."""
