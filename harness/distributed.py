@@ -36,6 +36,11 @@ class Dist:
     def is_node_leader(self) -> bool:
         return self.local_rank == 0
 
+    @property
+    def node(self) -> str:
+        """This node's index in the job (torchrun's GROUP_RANK)."""
+        return os.environ.get("GROUP_RANK", "0")
+
 
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):

@@ -1,8 +1,14 @@
 """Build the torchrun command line from `launch.*` and run it: `python -m harness.launch [overrides]`.
 
-Exit codes: 0 finished, 75 preempted (emergency checkpoint saved: restart me), 2 bad config, other
-non-zero a failure. torchrun reports a worker's preempted exit as a failure, so the launcher reads the
-marker the trainer leaves to tell the two apart. SIGTERM and SIGINT are passed on to torchrun, whose
+Exit codes: 0 finished, 75 preempted (emergency checkpoint saved: restart me), 76 a planned stop
+(maintenance on an on-demand VM: the unit restarts it), 2 bad config, other non-zero a failure.
+torchrun reports a worker's preempted exit as a failure, so the launcher reads the files the trainer
+leaves to tell them apart: PREEMPTED on a node that got the notice (return 75), REJOIN on every other
+node of the job, whose launcher then runs torchrun again for the next rendezvous round, so a
+survivor's VM and unit never stop (and the hybrid master keeps hosting the c10d store for the round).
+Why a launcher loop rather than torchrun's own restarts: torchrun's restart budget
+(`launch.max_restarts`) is for real errors and stops a crash loop; a peer's preemption is not an
+error and must not spend it. SIGTERM and SIGINT are passed on to torchrun, whose
 agent passes them to the workers and waits `launch.shutdown_timeout_s` before killing them. A notice
 that comes while no trainer runs (rendezvous, startup) is still a preemption: nothing new needs
 saving, so the launcher writes the marker itself (`source: launcher`) and returns 75.
@@ -24,7 +30,13 @@ from omegaconf import DictConfig
 from harness import config
 from harness.checkpoint.store import StoreError
 from harness.checkpoint.tiers import build_tiers
-from harness.preemption.notice import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from harness.preemption.notice import (
+    MAINTENANCE,
+    PLANNED_STOP_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    PREEMPTED_MARKER,
+    REJOIN_MARKER,
+)
 
 # torchrun reuses one TCP store across rendezvous rounds, so after a restart a worker can read a dead
 # peer's address and gloo/NCCL fail to connect (pytorch/pytorch#167288). A store per round avoids it.
@@ -68,28 +80,38 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    marker = Path(cfg.run.dir) / PREEMPTED_MARKER
+    run_dir = Path(cfg.run.dir)
+    marker, rejoin = run_dir / PREEMPTED_MARKER, run_dir / REJOIN_MARKER
     cmd = torchrun_command(cfg, overrides)
-    print("launch:", " ".join(cmd), flush=True)
     env = {**TORCHRUN_ENV, **os.environ}
-    proc = subprocess.Popen(cmd, env=env)
     notices: list[str] = []
+    running: list[subprocess.Popen] = []
 
     def forward(signum: int, _frame: object) -> None:
         notices.append(signal.Signals(signum).name)
-        proc.send_signal(signum)
+        if running:
+            running[-1].send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    code = proc.wait()
-    if code != 0 and notices and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"step": None, "tier": "", "seconds": 0.0, "source": f"launcher:{notices[0]}",
-                                      "ok": True, "detail": "no trainer was training: the newest committed "
-                                                            "checkpoint is the state"}) + "\n")
-    if code != 0 and marker.exists():
-        return PREEMPTED_EXIT_CODE
-    if code != 0:
+    while True:  # one torchrun per rendezvous round this node takes part in
+        rejoin.unlink(missing_ok=True)
+        print("launch:", " ".join(cmd), flush=True)
+        running.append(subprocess.Popen(cmd, env=env))
+        code = running[-1].wait()
+        if code == 0:
+            break
+        if notices and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"step": None, "tier": "", "seconds": 0.0,
+                                          "source": f"launcher:{notices[0]}", "ok": True,
+                                          "detail": "no trainer was training: the newest committed "
+                                                    "checkpoint is the state"}) + "\n")
+        if marker.exists():
+            return _stop_code(marker)
+        if rejoin.exists():  # a peer was preempted; this node saved with it and goes on
+            print(f"a peer node was preempted ({rejoin.read_text().strip()}): back to rendezvous", flush=True)
+            continue
         print(f"training failed with exit code {code} after at most launch.max_restarts="
               f"{cfg.launch.max_restarts} restarts; the root cause is in torchrun's report above", file=sys.stderr)
         return code
@@ -97,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run dir: {cfg.run.dir}\n  summary: {summary}\n  checkpoints: {cfg.checkpoint.store}\n"
           f"  wandb: {cfg.wandb.dir}/wandb ({cfg.wandb.mode})", flush=True)
     return 0
+
+
+def _stop_code(marker: Path) -> int:
+    """75 (preempted: the VM goes away), or the planned-stop code the unit restarts on."""
+    try:
+        kind = json.loads(marker.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    return PLANNED_STOP_EXIT_CODE if kind == MAINTENANCE else PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from harness.optim import build_optimizer, lr_at, set_lr
 from harness.preemption import PREEMPTED_EXIT_CODE, NoticeBoard
 from harness.preemption.health import Health, serve
 from harness.preemption.metadata import MetadataWatcher
-from harness.preemption.notice import PREEMPTED_MARKER
+from harness.preemption.notice import PREEMPTED_MARKER, REJOIN_MARKER
 from harness.progress import ProgressDisplay
 from harness.state import TrainState, model_sha256, seed_everything, unwrap
 from harness.telemetry import Telemetry
@@ -153,10 +153,12 @@ def restore(job: Job) -> None:
     if restored:
         log.info("resumed from step %d (%s tier, %.2fs)", restored.step, restored.tier, restored.seconds)
     progress.wandb_run_id = progress.wandb_run_id or (job.tel.run_id or "")
-    if job.dist.is_main:
-        run_dir = Path(job.cfg.run.dir)
+    run_dir = Path(job.cfg.run.dir)
+    if job.dist.is_node_leader:  # each node's markers are its own
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (run_dir / REJOIN_MARKER).unlink(missing_ok=True)
+    if job.dist.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(job.cfg))
 
 
@@ -242,25 +244,36 @@ def open_audit(cfg, d):
 
 
 def emergency_exit(job: Job) -> int:
-    """All ranks agreed a notice is pending: save the last completed step within the deadline, leave the
-    marker the shutdown script waits on (saying on which tier the step is committed, and `ok: false`
-    when it is not durable), exit with the preempted code."""
+    """All ranks agreed a notice is pending: save the last completed step within the deadline (every
+    rank), then only the nodes holding a notice stop. Their leaders leave the PREEMPTED marker the
+    shutdown script waits on (the tier on which the step is committed, `ok: false` when it is not
+    durable); every other node's leader leaves REJOIN, and its launcher goes back to rendezvous."""
+    d = job.dist
     job.health.set_phase("saving")
     notice, step = job.notices.notice, job.state.progress.step
-    source = notice.source if notice else "another rank"
+    source = notice.source if notice else "another node"
     log.warning("preemption notice (%s): emergency checkpoint at step %d", source, step)
     job.tel.event(ev.PREEMPTION_NOTICE, source=source, step=step)
     report = job.ckpt.save_now(step, job.state, max(1.0, job.notices.seconds_left()))  # collective
     job.tel.event(ev.EMERGENCY_SAVE, step=step, seconds=report.seconds, tier=report.tier, ok=report.ok)
-    if job.dist.is_main:
-        marker = {"step": report.step, "tier": report.tier, "seconds": round(report.seconds, 3),
-                  "source": source, "ok": report.ok}
+    noticed: dict[str, str] = {}
+    for node, kind in distributed.all_gather_object(d, (d.node, notice.kind if notice else None),
+                                                    group=d.ckpt_group):
+        if kind:
+            noticed.setdefault(node, kind)
+    if d.is_node_leader:
+        stops = d.node in noticed
+        record = {"step": report.step, "tier": report.tier, "seconds": round(report.seconds, 3), "source": source,
+                  "ok": report.ok, "kind": noticed.get(d.node), "preempted_nodes": sorted(noticed)}
         run_dir = Path(job.cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
-        print(f"preempted: step {report.step} saved to {report.tier or 'no tier'} in {report.seconds:.2f}s "
-              f"({'durable' if report.ok else 'NOT durable'}); exit {PREEMPTED_EXIT_CODE} (restart to resume)",
-              flush=True)
+        (run_dir / (PREEMPTED_MARKER if stops else REJOIN_MARKER)).write_text(json.dumps(record) + "\n")
+        saved = (f"step {report.step} saved to {report.tier or 'no tier'} in {report.seconds:.2f}s "
+                 f"({'durable' if report.ok else 'NOT durable'})")
+        if stops:
+            print(f"preempted: {saved}; exit {PREEMPTED_EXIT_CODE} (restart to resume)", flush=True)
+        else:
+            print(f"node {'/'.join(sorted(noticed))} preempted: {saved}; this node rejoins", flush=True)
     return PREEMPTED_EXIT_CODE
 
 

@@ -108,7 +108,7 @@ class CheckpointManager:
         for tier in self.tiers:
             tier.store.check_access()
         self.incarnation = broadcast_object(d, uuid.uuid4().hex[:8], group=d.ckpt_group)
-        self.node = os.environ.get("GROUP_RANK", "0")
+        self.node = d.node
         self.snapshotter = Snapshotter()
         self.reports: queue.Queue[Report] = queue.Queue()
         self.counters = {"saves": 0, "skipped": 0, "waited": 0, "failed": 0, "quarantined": 0}

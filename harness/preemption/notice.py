@@ -19,6 +19,12 @@ PREEMPTED_EXIT_CODE = 75
 # The file in ${run.dir} the trainer leaves after its emergency save (JSON: step, tier, ok, seconds,
 # source); the launcher and shutdown.sh wait on it.
 PREEMPTED_MARKER = "PREEMPTED"
+# Left instead on a node that got no notice when a peer was preempted: its launcher goes straight
+# back to rendezvous (the VM and its unit keep running).
+REJOIN_MARKER = "REJOIN"
+# A planned stop (MAINTENANCE on an on-demand VM): not 75, so the unit restarts the job after the
+# host event instead of leaving it stopped.
+PLANNED_STOP_EXIT_CODE = 76
 PREEMPTION = "preemption"
 MAINTENANCE = "maintenance"
 

@@ -1,0 +1,51 @@
+"""Only the preempted node stops: a notice on one node of a multi-node job makes every rank save, the
+noticed node's launcher returns 75 (its VM goes away), and every other node's launcher goes straight
+back to rendezvous and waits there for the recreated peer. Real launchers and torchrun agents, two
+"nodes" on this machine with their own run dirs (their own local disks) and one bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from harness.preemption import PREEMPTED_EXIT_CODE
+from tests import runs
+from tests.gcs_emulator import running_fake_gcs
+from tests.test_preemption import CONFIG
+
+
+def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_path, reference_sha):
+    with running_fake_gcs() as gcs:
+        gcs.make_bucket("two-nodes")
+        common = [*CONFIG, "run.name=two-nodes", "checkpoint.store=gs://two-nodes/job", "launch.standalone=false",
+                  "launch.nnodes=2", f"launch.rdzv_endpoint=127.0.0.1:{runs.free_port()}"]
+        dirs = {n: tmp_path / n for n in ("survivor", "preempted")}
+        logs = {n: tmp_path / f"{n}.log" for n in dirs}
+
+        def node(name: str):
+            return runs.start_launcher(1, [*common, f"run.dir={dirs[name]}"], logs[name])
+
+        survivor, preempted = node("survivor"), node("preempted")
+        started = [survivor, preempted]
+        try:
+            runs.wait_for(lambda: any(runs.logged_step(log, 25) for log in logs.values()), timeout=180,
+                          what="training past a checkpoint")
+            os.kill(preempted.pid, signal.SIGTERM)  # systemd stopping the unit on the preempted VM
+            assert preempted.wait(timeout=60) == PREEMPTED_EXIT_CODE, runs.tail(logs["preempted"])
+            marker = json.loads((dirs["preempted"] / "PREEMPTED").read_text())
+            assert marker["ok"] is True and marker["tier"] == "gs" and marker["preempted_nodes"]
+            runs.wait_for(lambda: "back to rendezvous" in logs["survivor"].read_text(), timeout=60,
+                          what="the survivor going back to rendezvous")
+            assert survivor.poll() is None, "the survivor stopped: " + runs.tail(logs["survivor"])
+            assert not (dirs["survivor"] / "PREEMPTED").exists(), "a marker on a node that got no notice"
+            recreated = node("preempted")
+            started.append(recreated)
+            assert recreated.wait(timeout=240) == 0, runs.tail(logs["preempted"])
+            assert survivor.wait(timeout=60) == 0, runs.tail(logs["survivor"])
+        finally:
+            for proc in started:
+                runs.kill_tree(proc.pid)
+    (summary,) = [json.loads(p.read_text()) for d in dirs.values() if (p := d / "summary.json").exists()]
+    assert summary["model_sha256"] == reference_sha(2, CONFIG)
+    assert summary["restarts"] == 1 and summary["preemptions"] >= 1
