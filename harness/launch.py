@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from harness import config
 from harness.checkpoint.store import StoreError
 from harness.checkpoint.tiers import build_tiers
+from harness.preemption.health import HEALTH_FILE_ENV, LauncherHealth, serve
 from harness.preemption.notice import (
     MAINTENANCE,
     PLANNED_STOP_EXIT_CODE,
@@ -94,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    health = LauncherHealth(cfg.health.stall_s, run_dir / ".health.json")
+    if cfg.health.enabled:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env[HEALTH_FILE_ENV] = str(health.report_file)
+        serve(health, cfg.health.port)
     while True:  # one torchrun per rendezvous round this node takes part in
         rejoin.unlink(missing_ok=True)
+        health.new_round()
         print("launch:", " ".join(cmd), flush=True)
         running.append(subprocess.Popen(cmd, env=env))
         code = running[-1].wait()

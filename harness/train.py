@@ -39,7 +39,7 @@ from harness.data import make_batch, rank_indices
 from harness.goodput import report as goodput_table
 from harness.optim import build_optimizer, lr_at, set_lr
 from harness.preemption import PREEMPTED_EXIT_CODE, NoticeBoard
-from harness.preemption.health import Health, serve
+from harness.preemption.health import HEALTH_FILE_ENV, Health, serve
 from harness.preemption.metadata import MetadataWatcher
 from harness.preemption.notice import PREEMPTED_MARKER, REJOIN_MARKER
 from harness.progress import ProgressDisplay
@@ -113,8 +113,10 @@ def run(cfg: DictConfig) -> int:
     notices = NoticeBoard(cfg.preemption.deadline_s)
     notices.install_signal_handlers(list(cfg.preemption.signals))
     watcher = MetadataWatcher(notices.record).start() if cfg.preemption.metadata_watch else None
-    health = Health(cfg.health.stall_s)
-    server = serve(health, cfg.health.port) if cfg.health.enabled and d.is_node_leader else None
+    report_to = os.environ.get(HEALTH_FILE_ENV) if cfg.health.enabled and d.is_node_leader else None
+    health = Health(cfg.health.stall_s, Path(report_to) if report_to else None)
+    serving = cfg.health.enabled and d.is_node_leader and not report_to  # else the launcher serves it
+    server = serve(health, cfg.health.port) if serving else None
     tel, code = None, 1
     try:
         seed_everything(cfg.seed, d.rank)
@@ -251,7 +253,7 @@ def emergency_exit(job: Job) -> int:
     d = job.dist
     job.health.set_phase("saving")
     notice, step = job.notices.notice, job.state.progress.step
-    source = notice.source if notice else "another node"
+    source = notice.source if notice else "another rank"
     log.warning("preemption notice (%s): emergency checkpoint at step %d", source, step)
     job.tel.event(ev.PREEMPTION_NOTICE, source=source, step=step)
     report = job.ckpt.save_now(step, job.state, max(1.0, job.notices.seconds_left()))  # collective

@@ -58,3 +58,45 @@ def test_health_phases_are_healthy_while_restoring_and_saving():
         assert get_health(port)[0] == 503
     finally:
         server.shutdown()
+
+
+def test_the_launcher_answers_200_rendezvous_while_the_node_waits_for_its_peers(tmp_path):
+    """What the VM's unit runs, waiting for a second node that is not there yet (a recreated peer): the
+    endpoint answers for the whole wait, longer than three health periods (here stall_s), with 200."""
+    port, log = runs.free_port(), tmp_path / "log.txt"
+    overrides = [f"run.dir={tmp_path}/run", "launch.standalone=false", "launch.nnodes=2",
+                 f"launch.rdzv_endpoint=127.0.0.1:{runs.free_port()}", "health.enabled=true", f"health.port={port}",
+                 "health.stall_s=1"]
+    proc = subprocess.Popen([*runs.launcher_cmd(1, []), *overrides], cwd=runs.REPO, env=runs.env(),
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        runs.wait_for(lambda: get_health(port)[0], interval=0.1, what="the launcher's endpoint")
+        for _ in range(5):
+            code, body = get_health(port)
+            assert (code, body["phase"]) == (200, "rendezvous"), runs.tail(log)
+            time.sleep(1.0)
+        assert body["seconds_since_progress"] > 3 * 1, "three health periods (stall_s=1) have passed"
+    finally:
+        runs.kill_tree(proc.pid)
+        proc.wait()
+
+
+def test_the_launcher_reports_a_stalled_trainer_as_503(tmp_path):
+    port, stall = runs.free_port(), tmp_path / "stall"
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    overrides = ["train.max_steps=400", f"run.dir={run_dir}", "model._target_=tests.user_model.StallingBigram",
+                 "health.enabled=true", f"health.port={port}", "health.stall_s=1"]
+    proc = subprocess.Popen([*runs.launcher_cmd(1, []), *overrides], cwd=runs.REPO,
+                            env=runs.env(STALL_FILE=str(stall)), stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        runs.wait_for(lambda: get_health(port)[1].get("phase") == "training", interval=0.05,
+                      what="healthz in the training phase")
+        stall.touch()
+        code, body = runs.wait_for(lambda: (r := get_health(port))[0] == 503 and r, interval=0.1, what="a 503")
+        assert body["phase"] == "training" and body["seconds_since_progress"] >= 1
+        stall.unlink()
+        runs.wait_for(lambda: get_health(port)[0] == 200, interval=0.05, what="recovery")
+    finally:
+        runs.kill_tree(proc.pid)
+        proc.wait()
