@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         ref.stop()
     result = report.build(outcome, chaos, reference_sha)
     json_path, png_path = report.write(result, outcome, out)
-    print(f"chaos: finished={result['finished']} goodput={result['goodput']['goodput']:.3f} "
-          f"({result['goodput']['source']}) preemptions={result['preemptions']} recreates={result['recreates']} "
+    ledger = result["ledger"]["goodput"] if result["ledger"] else None
+    print(f"chaos: finished={result['finished']} goodput: ledger {'-' if ledger is None else f'{ledger:.3f}'}, "
+          f"observer {result['observer']['goodput']:.3f}; preemptions={result['preemptions']} "
+          f"recreates={result['recreates']} "
           f"lost_steps={result['lost_steps']} exact={result['exact']}\n"
           f"  report:   {json_path}\n  timeline: {png_path}\n  VM logs:  {outcome.logs}", flush=True)
     return 0 if outcome.finished else 1

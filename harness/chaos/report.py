@@ -73,17 +73,19 @@ def step_time(steps: list[StepDone], window: int = 10) -> float:
     return statistics.median(rates) if rates else 0.0
 
 
-def ledger_breakdown(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+def ledger_breakdown(events: list[dict[str, Any]], end: float) -> dict[str, Any] | None:
+    """The ledger's breakdown up to the local cloud's end: a job that stopped training shows a goodput
+    that falls with the time no trainer was alive, as the observer's does."""
     if not events:
         return None
-    b = breakdown(events)
+    b = breakdown(events, now=end)
     return {"goodput": b.goodput, "total_s": b.total_s, "seconds": dict(b.seconds), "preemptions": b.preemptions,
             "restarts": b.restarts, "lost_steps": b.lost_steps, "productive_steps": b.productive_steps}
 
 
 def build(outcome: Outcome, chaos, reference_sha: str | None) -> dict[str, Any]:
     observer = observed_breakdown(outcome)
-    ledger = ledger_breakdown(outcome.ledger)
+    ledger = ledger_breakdown(outcome.ledger, outcome.end)
     summary = outcome.summary or {}
     kinds = [e.kind for e in outcome.events]
     sha = summary.get("model_sha256")

@@ -114,7 +114,7 @@ def test_short_chaos_run_is_exact_and_loses_no_step(tmp_path: Path):
                           timeout=330)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "chaos_report.json").read_text())
-    context = json.dumps({k: report[k] for k in ("events", "observer", "goodput")}, indent=1)
+    context = json.dumps({k: report[k] for k in ("events", "observer", "ledger", "goodput")}, indent=1)
     assert report["finished"] and report["final_step"] == 500, context
     assert report["preemptions"] >= 2 and report["recreates"] >= 1, context
     assert report["exact"] is True, context
@@ -122,6 +122,8 @@ def test_short_chaos_run_is_exact_and_loses_no_step(tmp_path: Path):
     # A preemption can land while the job is still restarting from the previous one: >= 1 restart.
     assert report["world_sizes"] == [2] and report["restarts"] >= 1, context
     assert 0 < report["goodput"]["goodput"] < 1
+    # The ledger (what W&B and Monitoring see) and the local cloud's own observer tell the same story.
+    assert abs(report["ledger"]["goodput"] - report["observer"]["goodput"]) < 0.05, context
     assert (out / "chaos_timeline.png").stat().st_size > 10_000
     assert str(out / "chaos_report.json") in proc.stdout
 
