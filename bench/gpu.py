@@ -42,6 +42,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.process_tree import kill_tree
+
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
 FORBIDDEN = ("hydra", "omegaconf", "wandb")
@@ -741,28 +743,6 @@ def train_config(mode: str, device: str, run_dir: Path) -> tuple[list[str], dict
     return overrides, shape
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    for p in [pid, *_descendants(pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-
-
 def read_losses(path: Path, log: Path) -> tuple[dict[int, float], list[dict], str]:
     """{step: loss} from the worker's record (full precision), else from the log's progress lines."""
     losses: dict[int, float] = {}
@@ -837,7 +817,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             return proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
             result["checks"][f"{what}_timed_out"] = True
             return None
 
@@ -871,7 +851,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         for p in (ref, pre):
             if p.poll() is None:
-                _kill_tree(p.pid)
+                kill_tree(p.pid)
     result["wall_s"] = time.perf_counter() - t_start
 
     ref_l, ref_h, source = read_losses(ref_losses, ref_log)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 from harness.launch import TORCHRUN_ENV
+from harness.process_tree import descendants, kill_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,32 +58,6 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         raise AssertionError(f"run timed out after {timeout}s; log:\n{tail(log)}") from None
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
-    """Signal a process and every process below it (torchrun puts workers in sessions of their own,
-    so killing a process group is not enough to imitate a VM's death)."""
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
 
 
 def worker_pids(agent_pid: int) -> list[int]:

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from harness.chaos.cloud import PYCACHE
-from harness.chaos.systemctl import descendants
 from harness.chaos.vm import REPO
+from harness.process_tree import descendants
 
 
 class Reference:

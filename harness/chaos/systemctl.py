@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.process_tree import alive, descendants
+
 PR_SET_CHILD_SUBREAPER = 36
 START_TIMEOUT_S = 30.0
 
@@ -118,40 +120,13 @@ def _read_state(unit: str, root: Path | None = None) -> tuple[str, int, int]:
 def unit_active(root: Path, unit: str) -> bool:
     """`systemctl is-active` of a VM whose SPOT_ROOT is root, without starting a process."""
     state, supervisor, main = _read_state(unit, root)
-    return state == "active" and _alive(supervisor) and _alive(main)
+    return state == "active" and alive(supervisor) and alive(main)
 
 
 def _write_state(unit: str, state: str, main: int = 0) -> None:
     tmp = _state_dir() / f".{unit}.state.tmp"
     tmp.write_text(f"{state} {os.getpid()} {main}\n")
     os.replace(tmp, _state_dir() / f"{unit}.state")
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below pid, from /proc (zombies are left out: they are gone, just not reaped)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return [p for p in out if _alive(p)]
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -235,7 +210,7 @@ class Supervisor:
 
 def start(name: str) -> int:
     state, supervisor, _ = _read_state(name)
-    if state in ("active", "activating") and _alive(supervisor):
+    if state in ("active", "activating") and alive(supervisor):
         return 0
     Unit.load(_root() / "etc" / "systemd" / "system" / name)  # fail here, naming the file, when it is bad
     log_dir = Path(os.environ.get("SPOT_CHAOS_LOG_DIR", _root() / "var" / "log"))
@@ -268,7 +243,7 @@ def is_active(name: str, quiet: bool) -> int:
 
 def kill(name: str, sig: int) -> int:
     _, supervisor, _ = _read_state(name)
-    if not _alive(supervisor):
+    if not alive(supervisor):
         return 1
     _signal_all(descendants(supervisor), sig)
     return 0
@@ -276,10 +251,10 @@ def kill(name: str, sig: int) -> int:
 
 def stop(name: str) -> int:
     state, supervisor, _ = _read_state(name)
-    if not _alive(supervisor):
+    if not alive(supervisor):
         return 0
     os.kill(supervisor, signal.SIGTERM)
-    while _alive(supervisor):
+    while alive(supervisor):
         time.sleep(0.05)
     return 0
 
