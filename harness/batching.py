@@ -57,12 +57,16 @@ def _accumulation(share: int, micro_batch_size: int, grad_accum: int | None) -> 
     return next(n for n in range(min(fewest, share), share + 1) if share % n == 0)
 
 
-def elastic_world_sizes(launch) -> range:
-    """Every world size the launch settings allow: nodes in `launch.nnodes` ("N" or "MIN:MAX") times
-    `launch.nproc_per_node`."""
+def max_nodes(launch) -> int:
+    """The most nodes `launch.nnodes` ("N" or "MIN:MAX") allows."""
     low, _, high = str(launch.nnodes).partition(":")
-    return range(int(low) * launch.nproc_per_node, int(high or low) * launch.nproc_per_node + 1,
-                 launch.nproc_per_node)
+    return int(high or low)
+
+
+def elastic_world_sizes(launch) -> range:
+    """Every world size the launch settings allow: nodes in `launch.nnodes` times `launch.nproc_per_node`."""
+    low = int(str(launch.nnodes).partition(":")[0])
+    return range(low * launch.nproc_per_node, max_nodes(launch) * launch.nproc_per_node + 1, launch.nproc_per_node)
 
 
 def check_every_world_size(train, elastic, launch) -> None:

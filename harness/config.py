@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from harness.batching import BatchSplitError, check_every_world_size
+from harness.batching import BatchSplitError, check_every_world_size, max_nodes
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -229,16 +229,22 @@ def validate(cfg: DictConfig) -> None:
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("checkpoint.assumed_bandwidth_mb_s", cfg.checkpoint.assumed_bandwidth_mb_s)
     _positive("checkpoint.list_retry_s", cfg.checkpoint.list_retry_s, zero_ok=True)
+    if not re.fullmatch(r"\d+(:\d+)?", str(cfg.launch.nnodes)):
+        raise ConfigError(f"launch.nnodes={cfg.launch.nnodes!r} must be 'N' or 'MIN:MAX'")
+    multi_node = max_nodes(cfg.launch) > 1
     for i, tier in enumerate(cfg.checkpoint.slower_tiers):
         _positive(f"checkpoint.slower_tiers[{i}].assumed_bandwidth_mb_s", tier.assumed_bandwidth_mb_s, zero_ok=True)
+        if multi_node and ("://" not in tier.url or tier.url.startswith("file://")):
+            raise ConfigError(
+                f"checkpoint.slower_tiers[{i}].url={tier.url!r} is a local path, but launch.nnodes="
+                f"{cfg.launch.nnodes} allows several nodes: a node's local tier holds only its own share of "
+                "a checkpoint and could not restore the job; use a gs:// tier, or a local one with launch.nnodes=1")
     one_of("checkpoint.if_busy", cfg.checkpoint.if_busy, ("wait", "skip"))
     one_of("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
     _positive("launch.nproc_per_node", cfg.launch.nproc_per_node)
     _positive("preemption.deadline_s", cfg.preemption.deadline_s)
     one_of("preemption.in_flight_step", cfg.preemption.in_flight_step, ("finish", "abandon"))
     one_of("elastic.lr_scaling", cfg.elastic.lr_scaling, ("none", "linear", "sqrt"))
-    if not re.fullmatch(r"\d+(:\d+)?", str(cfg.launch.nnodes)):
-        raise ConfigError(f"launch.nnodes={cfg.launch.nnodes!r} must be 'N' or 'MIN:MAX'")
     try:
         check_every_world_size(cfg.train, cfg.elastic, cfg.launch)
     except BatchSplitError as err:

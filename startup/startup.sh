@@ -463,10 +463,11 @@ exec_line() {
     printf '%s' "${out% }"
 }
 
-# The tiers after the local SSD: the persistent disk on the master, then the bucket.
+# The tiers after the local SSD: the persistent disk on the master when the job is that one node
+# (in a multi-node job a node's disk could hold only its own share), then the bucket.
 checkpoint_overrides() {
     local tiers=""
-    if [[ $ROLE == master ]]; then
+    if [[ $ROLE == master && $NNODES == 1 ]]; then
         tiers+="{name:pd,url:'$ROOT$PD_MOUNT/checkpoints/$RUN_ID'},"
     fi
     tiers+="{name:gcs,url:'gs://$BUCKET/runs/$RUN_ID/checkpoints'}"

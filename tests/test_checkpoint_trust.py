@@ -325,3 +325,9 @@ def test_the_cadence_retries_a_failed_save_once_then_follows_its_interval():
     cadence.failed()  # the retry failed too: back to the interval
     assert not cadence.due(32) and cadence.due(41)
     assert Cadence(10, max_steps=25, start_step=20).due(25), "the last step is always saved"
+
+
+def test_a_local_slower_tier_in_a_multi_node_job_fails_at_launch_naming_it():
+    with pytest.raises(config.ConfigError, match=r"checkpoint.slower_tiers\[0\].url='/mnt/pd/ckpt' is a local path"):
+        config.load(["launch.nnodes=1:4", "launch.standalone=false", "checkpoint.slower_tiers=[{url:/mnt/pd/ckpt}]"])
+    config.load(["launch.nnodes=1", "checkpoint.slower_tiers=[{url:/mnt/pd/ckpt}]"])

@@ -5,7 +5,9 @@ a restore past a corrupt checkpoint that finishes exact, failures on one rank th
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -107,6 +109,7 @@ def test_a_corrupt_newest_checkpoint_on_gcs_with_the_local_disk_gone(tmp_path, r
         assert runs.run(2, overrides, log) == 0, runs.tail(log)
         assert runs.summary(run_dir)["model_sha256"] == reference_sha(2, CONFIG)
         assert store.committed_steps()[-1] == 60 and store.read_manifest(60).attempt != manifest.attempt
+        assert not any((run_dir / "restore").glob("step_*")), "the downloaded scratch copy was kept"
         (held,) = store.quarantined()
         assert held.reason["step"] == 60 and ".metadata" in held.reason["reason"]
 
@@ -248,6 +251,29 @@ def test_a_notice_during_a_restore_from_a_slower_tier_exits_75_and_resumes(tmp_p
     assert marker["step"] in LocalStore(str(tmp_path / "pd")).committed_steps()
     assert runs.run_launcher(2, overrides, log) == 0, runs.tail(log)
     assert runs.summary(run_dir)["model_sha256"] == reference_sha(2, CONFIG)
+
+
+def test_a_notice_during_a_background_promotion_exits_75_durable_and_resumes(tmp_path, reference_sha):
+    """Local SSD first (ephemeral), pd behind it: the notice lands while a periodic checkpoint is being
+    copied to pd. The emergency save must still end durable on pd, and the relaunch exact."""
+    config = [*CONFIG, "model.n_embd=192", "model.n_layer=3"]
+    pd = tmp_path / "pd"
+    tier = "checkpoint.slower_tiers=[{name:pd,url:'" + str(pd) + "',keep:3}]"
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    overrides = [*config, f"run.dir={run_dir}", "checkpoint.ephemeral=true", tier]
+    proc = runs.start_launcher(2, overrides, log)
+    try:
+        runs.wait_for(lambda: runs.in_progress(pd), timeout=180, interval=0.001, what="a copy to pd in flight")
+        os.kill(runs.training_workers(proc.pid)[0], signal.SIGTERM)
+        assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE, runs.tail(log)
+    finally:
+        runs.kill_tree(proc.pid)
+    marker = json.loads((run_dir / "PREEMPTED").read_text())
+    assert marker["ok"] is True and marker["tier"] == "pd", marker
+    LocalStore(str(pd)).verify(marker["step"])
+    shutil.rmtree(run_dir / "checkpoints")  # the recreated VM's local SSD is blank
+    assert runs.run_launcher(2, overrides, log) == 0, runs.tail(log)
+    assert runs.summary(run_dir)["model_sha256"] == reference_sha(2, config)
 
 
 # ---------------------------------------------------------------- elastic splits

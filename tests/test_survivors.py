@@ -9,6 +9,7 @@ import json
 import os
 import signal
 
+from harness.checkpoint.store import LocalStore
 from harness.preemption import PREEMPTED_EXIT_CODE
 from tests import runs
 from tests.gcs_emulator import running_fake_gcs
@@ -46,6 +47,10 @@ def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_p
         finally:
             for proc in started:
                 runs.kill_tree(proc.pid)
+    for d in dirs.values():  # each node's local tier holds its share under a manifest of its own
+        share = LocalStore(str(d / "staging"))
+        for step in share.committed_steps():
+            assert share.verify(step).meta["share_of_node"] in ("0", "1")
     (summary,) = [json.loads(p.read_text()) for d in dirs.values() if (p := d / "summary.json").exists()]
     assert summary["model_sha256"] == reference_sha(2, CONFIG)
     assert summary["restarts"] == 1 and summary["preemptions"] >= 1

@@ -272,14 +272,19 @@ class CheckpointManager:
         if failed := next((f"rank {r}: {e}" for r, (_, _, e) in enumerate(parts) if e), None):
             return _Outcome(False, failed)
         entries = {name: entry for _, files, _ in parts for name, entry in files.items()}
-        manifest = Manifest(step=step, files=entries, attempt=attempt, world_size=d.world_size,
-                            meta={"sample_index": sample_index})
+        meta = {"sample_index": sample_index}
+        manifest = Manifest(step=step, files=entries, attempt=attempt, world_size=d.world_size, meta=meta)
         error, conflict, committed_here = None, None, False
         if d.is_node_leader:
-            ours = {name for node, files, _ in parts if node == self.node for name in files}
+            ours = {name: entry for node, files, _ in parts if node == self.node for name, entry in files.items()}
+            # Several nodes: this node's first tier holds its share, under a manifest of its own (so
+            # the share verifies); the job-wide manifest goes to the shared tier with every share.
+            local = manifest if not self.multi_node else Manifest(
+                step=step, files=ours, attempt=attempt, world_size=d.world_size,
+                meta={**meta, "share_of_node": self.node, "job_files": len(entries)})
             try:
-                _check_listed_files(attempt_dir, manifest, ours)
-                self.first.commit(attempt_dir, manifest)
+                _check_listed_files(attempt_dir, local, set(ours))
+                self.first.commit(attempt_dir, local)
                 committed_here = True
             except CommitConflict as err:
                 conflict, error = err, str(err)
@@ -425,9 +430,13 @@ class CheckpointManager:
 
     def _locate(self, step: int) -> tuple[tuple[str, str] | None, list[tuple[Tier, str, bool]]]:
         """(local directory, tier name) of a verified copy of `step`, and the problems met on the way:
-        (tier, reason, whether the copy is corrupt rather than unreachable)."""
+        (tier, reason, whether the copy is corrupt rather than unreachable). In a multi-node job only
+        shared tiers count: a node's local share holds the files its own ranks wrote, but DCP writes
+        a replicated (DDP) tensor once job-wide, so every rank reads files of other nodes' shares."""
         problems: list[tuple[Tier, str, bool]] = []
         for tier in self.tiers:
+            if self.multi_node and tier.store.is_local:
+                continue
             try:
                 if step not in tier.store.committed_steps():
                     continue
@@ -447,9 +456,7 @@ class CheckpointManager:
         """Quarantine what cannot be trusted, then remove the scratch copy once every rank has loaded."""
         d = self.dist
         if d.is_node_leader:
-            # A multi-node job's first tier holds one node's share, which never verifies on its own.
-            doomed = {(tier.name, s): reason for tier, s, reason, corrupt in rejected
-                      if corrupt and not (self.multi_node and tier is self.tiers[0])}
+            doomed = {(tier.name, s): reason for tier, s, reason, corrupt in rejected if corrupt}
             for tier in self.tiers:
                 for newer in sorted(listed.get(tier.name, ())):
                     if newer > step:
@@ -510,11 +517,13 @@ class CheckpointManager:
                 return out
 
     def close(self) -> None:
-        """Finish the in-flight save and pending promotions."""
+        """Finish the in-flight save and pending promotions; then the steps they pinned go too."""
         self._wait_inflight()
         self._writer.shutdown(wait=True)
         for promoter in self._promoters:
             promoter.close()
+        if self._promoters:
+            self._retain_first()
 
 
 def retain(tier: Tier, pinned: set[int], verified: set[int], report: Callable[[Report], None]) -> None:

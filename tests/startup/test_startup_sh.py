@@ -17,9 +17,12 @@ from tests.startup.startup_vm import STUBS, Vm, parse_exec_start
 PLAIN_OVERRIDES = ["train.max_steps=1000", "model.n_layer=12"]
 
 
-def expected_argv(vm: Vm, role: str, python: str | None = None) -> list[str]:
+def expected_argv(vm: Vm, role: str, python: str | None = None, nnodes: str = "1:4") -> list[str]:
+    """The unit's command line; the master's persistent disk is a tier only in a one-node job (in a
+    multi-node job a node's disk could hold only its own share of a checkpoint)."""
     run_dir = str(vm.path("/mnt/localssd/runs/run-42"))
-    pd_tier = f"{{name:pd,url:'{vm.path('/mnt/pd/checkpoints/run-42')}'}}," if role == "master" else ""
+    single = role == "master" and nnodes == "1"
+    pd_tier = f"{{name:pd,url:'{vm.path('/mnt/pd/checkpoints/run-42')}'}}," if single else ""
     return [
         python or str(vm.path("/opt/spot/releases/v7/venv/bin/python")),
         "-m",
@@ -29,13 +32,23 @@ def expected_argv(vm: Vm, role: str, python: str | None = None) -> list[str]:
         f"checkpoint.store={run_dir}/checkpoints",
         "checkpoint.ephemeral=true",
         f"checkpoint.slower_tiers=[{pd_tier}{{name:gcs,url:'gs://spot-bkt/runs/run-42/checkpoints'}}]",
-        "launch.nnodes=1:4",
+        f"launch.nnodes={nnodes}",
         "launch.nproc_per_node=8",
         "launch.rdzv_endpoint=10.0.0.2:29400",
         "launch.standalone=false",
         "health.port=8888",
         *PLAIN_OVERRIDES,
     ]
+
+
+@pytest.mark.parametrize("nnodes", ["1", "1:4"])
+def test_the_master_disk_is_a_checkpoint_tier_only_in_a_one_node_job(vm: Vm, nnodes: str):
+    vm.metadata.attributes.update({"spot-role": "master", "spot-nnodes": nnodes})
+    vm.add_ssds(1)
+    vm.has_filesystem(vm.pd_device)
+    result = vm.startup()
+    assert result.returncode == 0, result.stderr
+    assert vm.exec_start() == expected_argv(vm, "master", nnodes=nnodes)
 
 
 def started(vm: Vm) -> list[list[str]]:
