@@ -23,7 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff check harness tests infra bench
 
 test: lint .venv-checkov
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --ignore=tests/chaos tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15 --ignore=tests/chaos tests
 	$(VENV)/bin/pytest -q tests/chaos  # the local Spot cloud's deadlines want the machine to itself
 
 train: setup
