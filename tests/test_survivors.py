@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+
+import pytest
 
 from harness.checkpoint.store import LocalStore
 from harness.preemption import PREEMPTED_EXIT_CODE
@@ -16,11 +20,22 @@ from tests.gcs_emulator import running_fake_gcs
 from tests.test_preemption import CONFIG
 
 
-def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_path, reference_sha):
+@pytest.mark.parametrize("store_host", ["agent", "coordinator"])
+def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_path, reference_sha, store_host):
+    """store_host=agent: a training node's agent hosts the c10d store (the hybrid master); coordinator:
+    `harness.rendezvous` does (all_spot), where the store outlives the round that a leaving agent
+    closed, so it must reopen it for the survivor and the recreated node to meet again."""
+    port = runs.free_port()
+    coordinator = None
+    if store_host == "coordinator":
+        coordinator = subprocess.Popen([sys.executable, "-m", "harness.rendezvous", "--port", str(port),
+                                        "--run-id", "two-nodes"], cwd=runs.REPO, env=runs.env(),
+                                       stdout=open(tmp_path / "coordinator.log", "ab"), stderr=subprocess.STDOUT)
     with running_fake_gcs() as gcs:
         gcs.make_bucket("two-nodes")
         common = [*CONFIG, "run.name=two-nodes", "checkpoint.store=gs://two-nodes/job", "launch.standalone=false",
-                  "launch.nnodes=2", f"launch.rdzv_endpoint=127.0.0.1:{runs.free_port()}"]
+                  "launch.nnodes=2", f"launch.rdzv_endpoint=127.0.0.1:{port}",
+                  *(["launch.rdzv_conf='is_host=False'"] if coordinator else [])]
         dirs = {n: tmp_path / n for n in ("survivor", "preempted")}
         logs = {n: tmp_path / f"{n}.log" for n in dirs}
 
@@ -45,7 +60,7 @@ def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_p
             assert recreated.wait(timeout=240) == 0, runs.tail(logs["preempted"])
             assert survivor.wait(timeout=60) == 0, runs.tail(logs["survivor"])
         finally:
-            for proc in started:
+            for proc in [*started, *([coordinator] if coordinator else [])]:
                 runs.kill_tree(proc.pid)
     for d in dirs.values():  # each node's local tier holds its share under a manifest of its own
         share = LocalStore(str(d / "staging"))
