@@ -151,6 +151,10 @@ class PreemptionConfig:
 @dataclass
 class ElasticConfig:
     lr_scaling: str = "none"  # none | linear | sqrt, when the global batch cannot stay constant
+    # When a node is preempted: `wait` for the job to be whole again (torchrun is asked for the most
+    # nodes launch.nnodes allows, as both minimum and maximum), or `shrink`: the survivors go on at any
+    # size launch.nnodes allows, and torchrun grows the job again when the recreated node joins.
+    on_preemption: str = "wait"
 
 
 @dataclass
@@ -245,6 +249,7 @@ def validate(cfg: DictConfig) -> None:
     _positive("preemption.deadline_s", cfg.preemption.deadline_s)
     one_of("preemption.in_flight_step", cfg.preemption.in_flight_step, ("finish", "abandon"))
     one_of("elastic.lr_scaling", cfg.elastic.lr_scaling, ("none", "linear", "sqrt"))
+    one_of("elastic.on_preemption", cfg.elastic.on_preemption, ("wait", "shrink"))
     try:
         check_every_world_size(cfg.train, cfg.elastic, cfg.launch)
     except BatchSplitError as err:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from harness import config
+from harness import config, job_end
+from harness.batching import max_nodes
 from harness.checkpoint.store import StoreError
 from harness.checkpoint.tiers import build_tiers
 from harness.preemption.health import HEALTH_FILE_ENV, LauncherHealth, serve
@@ -50,7 +51,9 @@ def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
     if launch.standalone:
         cmd.append("--standalone")
     else:
-        cmd += [f"--nnodes={launch.nnodes}", f"--rdzv-backend={launch.rdzv_backend}",
+        most = max_nodes(launch)
+        nnodes = launch.nnodes if cfg.elastic.on_preemption == "shrink" else f"{most}:{most}"
+        cmd += [f"--nnodes={nnodes}", f"--rdzv-backend={launch.rdzv_backend}",
                 f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={cfg.run.name}"]
         if launch.rdzv_conf:
             cmd.append(f"--rdzv-conf={launch.rdzv_conf}")
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if job_end.already_finished(cfg):  # a VM booted after the job's end: nothing to train, stop the groups
+        return 0
     run_dir = Path(cfg.run.dir)
     marker, rejoin = run_dir / PREEMPTED_MARKER, run_dir / REJOIN_MARKER
     cmd = torchrun_command(cfg, overrides)

@@ -29,12 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from harness import config, distributed
+from harness import config, distributed, job_end
 from harness.batching import BatchPlan, BatchSplitError
 from harness.cadence import Cadence
 from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, TierUnavailable
 from harness.checkpoint.manifest import CorruptCheckpoint
 from harness.checkpoint.store import CommitConflict, StoreError
+from harness.checkpoint.tiers import durable
 from harness.data import make_batch, rank_indices
 from harness.goodput import report as goodput_table
 from harness.optim import build_optimizer, lr_at, set_lr
@@ -124,7 +125,7 @@ def run(cfg: DictConfig) -> int:
         ckpt = CheckpointManager(cfg.checkpoint, d)
         tel = Telemetry.start(cfg, rank=d.rank, local_rank=d.local_rank, world_size=d.world_size,
                               node=f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', 0)}",
-                              ledger_location=f"{ckpt.tiers[-1].store.url}/ledger")
+                              ledger_location=f"{durable(ckpt.tiers).store.url}/ledger")
         tel.event(ev.RENDEZVOUS_DONE, world_size=d.world_size)
         job = Job(cfg, d, model, optimizer, dataset, TrainState(model, optimizer, d.rank, d.device), ckpt,
                   notices, health, tel)
@@ -153,7 +154,8 @@ def restore(job: Job) -> None:
     progress = job.state.progress
     job.tel.event(ev.RESTORE_END, step=progress.step, tier=restored.tier if restored else None)
     if restored:
-        log.info("resumed from step %d (%s tier, %.2fs)", restored.step, restored.tier, restored.seconds)
+        log.info("resumed from step %d (%s tier, %.2fs) at world size %d", restored.step, restored.tier,
+                 restored.seconds, job.dist.world_size)
     progress.wandb_run_id = progress.wandb_run_id or (job.tel.run_id or "")
     run_dir = Path(job.cfg.run.dir)
     if job.dist.is_node_leader:  # each node's markers are its own
@@ -280,7 +282,8 @@ def emergency_exit(job: Job) -> int:
 
 
 def finish(job: Job, started: float) -> None:
-    """Rank 0 at the end: summary.json and the goodput breakdown of the whole job so far."""
+    """Rank 0 at the end: summary.json, the goodput breakdown of the whole job so far, then the job's
+    end (harness/job_end.py): the `finished` record and every instance group resized to 0."""
     job.tel.flush()
     breakdown = job.tel.breakdown()
     progress = job.state.progress
@@ -298,6 +301,7 @@ def finish(job: Job, started: float) -> None:
     }
     (Path(job.cfg.run.dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     Console().print(goodput_table(breakdown))
+    job_end.job_finished(job.ckpt.tiers, progress.step, summary["model_sha256"])
 
 
 @record

@@ -69,3 +69,45 @@ def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_p
     (summary,) = [json.loads(p.read_text()) for d in dirs.values() if (p := d / "summary.json").exists()]
     assert summary["model_sha256"] == reference_sha(2, CONFIG)
     assert summary["restarts"] == 1 and summary["preemptions"] >= 1
+
+
+def test_shrink_trains_on_while_the_preempted_node_is_down_and_grows_back(tmp_path):
+    """elastic.on_preemption=shrink: the survivor trains alone while its peer is down, and torchrun
+    grows the job again when the recreated node joins; every sample is consumed exactly once."""
+    config = ["train.max_steps=600", "checkpoint.interval_steps=20", "train.audit_samples=true",
+              "elastic.on_preemption=shrink", "launch.nnodes=1:2", "launch.rdzv_conf='last_call_timeout=2'"]
+    dirs = {n: tmp_path / n for n in ("survivor", "preempted")}
+    logs = {n: tmp_path / f"{n}.log" for n in dirs}
+    with running_fake_gcs() as gcs:
+        gcs.make_bucket("shrink")
+        common = [*config, "run.name=shrink", "checkpoint.store=gs://shrink/job", "launch.standalone=false",
+                  f"launch.rdzv_endpoint=127.0.0.1:{runs.free_port()}"]
+
+        def node(name: str):
+            return runs.start_launcher(1, [*common, f"run.dir={dirs[name]}"], logs[name])
+
+        survivor, preempted = node("survivor"), node("preempted")
+        started = [survivor, preempted]
+        try:
+            runs.wait_for(lambda: any(runs.logged_step(log, 40) for log in logs.values()), timeout=180,
+                          what="training at two nodes")
+            os.kill(preempted.pid, signal.SIGTERM)
+            assert preempted.wait(timeout=60) == PREEMPTED_EXIT_CODE, runs.tail(logs["preempted"])
+            runs.wait_for(lambda: "at world size 1" in logs["survivor"].read_text(), timeout=120,
+                          what="the survivor training alone")
+            assert survivor.poll() is None
+            recreated = node("preempted")
+            started.append(recreated)
+            assert survivor.wait(timeout=240) == 0, runs.tail(logs["survivor"])
+            assert recreated.wait(timeout=60) == 0, runs.tail(logs["preempted"])
+        finally:
+            for proc in started:
+                runs.kill_tree(proc.pid)
+    (summary,) = [json.loads(p.read_text()) for d in dirs.values() if (p := d / "summary.json").exists()]
+    assert summary["final_step"] == 600 and {1, 2} <= set(summary["world_sizes"]), summary["world_sizes"]
+    consumed = []
+    for record in [*dirs["survivor"].glob("samples/*.txt"), *dirs["preempted"].glob("samples/*.txt")]:
+        for line in record.read_text().splitlines():
+            _step, first, stop = map(int, line.split())
+            consumed.extend(range(first, stop))
+    assert sorted(consumed) == list(range(summary["sample_index"])), "a sample was repeated or skipped"

@@ -4,6 +4,7 @@ Layout under the prefix:
     step_000000100/<attempt>/<file>   one save attempt's files: racing writers never share an object
     step_000000100/manifest.json      the commit, written last and only if absent (ifGenerationMatch=0)
     latest                            {"step": N}, a hint for people and tools; moved back only by quarantine
+    finished.json                     a record (Store.write_record): one object, replaced whole
     quarantine/step_000000100-<time>-<id>/   a quarantined checkpoint: its manifest, its attempt's
                                       objects and reason.json (the step itself is uncommitted)
 GCS has no rename, so the commit has to be a single object write; the precondition makes the first
@@ -47,7 +48,9 @@ from harness.checkpoint.store import (
     Store,
     StoreError,
     Transfer,
+    parse_record,
     quarantine_name,
+    record_name,
     step_dirname,
 )
 
@@ -127,10 +130,13 @@ class GCSStore(Store):
         retry_deadline_s: float = 120.0,
         workers: int = 8,
         chunk_size: int = 32 << 20,
+        project: str | None = None,
     ):
         """`retry_deadline_s` bounds the retries of each GCS call on transient errors; `workers` is the
         number of parallel transfers (the client's connection pool holds 10); files over 8 MiB are
-        sent as resumable uploads in `chunk_size` pieces (a multiple of 256 KiB)."""
+        sent as resumable uploads in `chunk_size` pieces (a multiple of 256 KiB); `project` is the
+        client's project, None to infer it (a VM's own; `make deploy` passes infra.project, since a
+        person's credentials may name none)."""
         self.url = url
         self.bucket_name, self.prefix = parse_gs_url(url)
         if chunk_size <= 0 or chunk_size % (256 << 10):
@@ -140,6 +146,7 @@ class GCSStore(Store):
         self._retry = DEFAULT_RETRY.with_timeout(retry_deadline_s).with_delay(
             initial=0.25, maximum=8.0, multiplier=2.0
         )
+        self._project = project
         self._client: storage.Client | None = None
         self._lock = threading.Lock()
 
@@ -151,8 +158,10 @@ class GCSStore(Store):
         with self._lock:
             if self._client is None:
                 if os.environ.get("STORAGE_EMULATOR_HOST"):
-                    project = os.environ.get("GOOGLE_CLOUD_PROJECT", "local")
+                    project = self._project or os.environ.get("GOOGLE_CLOUD_PROJECT", "local")
                     self._client = storage.Client(project=project, credentials=AnonymousCredentials())
+                elif self._project:
+                    self._client = storage.Client(project=self._project)
                 else:
                     self._client = storage.Client()
             return self._client
@@ -419,6 +428,36 @@ class GCSStore(Store):
         with self._failing_as("purging quarantine"):
             self._parallel(self._delete_blob, [b.name for b in self._list(QUARANTINE + "/")])
         return gone
+
+    def read_record(self, name: str) -> dict | None:
+        blob_name = self._name(record_name(name))
+        with self._failing_as(f"reading {self._gs(blob_name)}"):
+            try:
+                data = self.bucket.blob(blob_name).download_as_bytes(retry=self._retry)
+            except api.NotFound:
+                return None
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise StoreError(f"{self._gs(blob_name)}: not text") from None
+        return parse_record(text, self._gs(blob_name))
+
+    def write_record(self, name: str, record: dict) -> None:
+        """One object write: GCS replaces an object atomically."""
+        blob_name = self._name(record_name(name))
+        with self._failing_as(f"writing {self._gs(blob_name)}"):
+            self.bucket.blob(blob_name).upload_from_string(
+                json.dumps(record, indent=1, sort_keys=True) + "\n", content_type="application/json",
+                retry=self._retry)
+
+    def delete_record(self, name: str) -> bool:
+        blob_name = self._name(record_name(name))
+        with self._failing_as(f"deleting {self._gs(blob_name)}"):
+            try:
+                self.bucket.blob(blob_name).delete(retry=self._retry)
+            except api.NotFound:
+                return False
+        return True
 
     # ---- internals
 

@@ -69,6 +69,7 @@ class TierUnavailable(StoreError):
     holds nothing (that would start the job from step 0). Restartable."""
 
 
+SHARE_OF = "share_of_node"  # manifest meta of a node's share in its own tier
 RESTORE_BASE_TIMEOUT_S = 300.0  # collectives around restore wait this long plus the bytes' estimate
 PROGRESS_LOG_S = 10.0
 
@@ -113,6 +114,7 @@ class CheckpointManager:
         self.reports: queue.Queue[Report] = queue.Queue()
         self.counters = {"saves": 0, "skipped": 0, "waited": 0, "failed": 0, "quarantined": 0}
         self.last_committed: int | None = None  # the same on every rank (see _write_and_commit)
+        self._committed_manifest: Manifest | None = None  # job-wide (a node's own tier has its share)
         self._conflict: CommitConflict | None = None
         self._restored_from: tuple[int, Tier] | None = None
         self._verified: set[int] = set()  # first-tier steps known whole: committed after the file check
@@ -236,7 +238,7 @@ class CheckpointManager:
             self._report(Report("commit", step, self.tiers[0].name, ok=False, detail=outcome.detail))
             return
         self.last_committed = step
-        manifest = outcome.manifest
+        manifest = self._committed_manifest = outcome.manifest
         assert manifest is not None
         if self.dist.is_node_leader:
             self._verified.add(step)
@@ -281,7 +283,7 @@ class CheckpointManager:
             # the share verifies); the job-wide manifest goes to the shared tier with every share.
             local = manifest if not self.multi_node else Manifest(
                 step=step, files=ours, attempt=attempt, world_size=d.world_size,
-                meta={**meta, "share_of_node": self.node, "job_files": len(entries)})
+                meta={**meta, SHARE_OF: self.node, "job_files": len(entries)})
             try:
                 _check_listed_files(attempt_dir, local, set(ours))
                 self.first.commit(attempt_dir, local)
@@ -301,11 +303,13 @@ class CheckpointManager:
     def _promote_within(self, step: int, deadline: float) -> Tier | None:
         """Copy `step` synchronously to the first durable tier whose expected time fits before
         `deadline`; an in-flight background copy is abandoned when the time is needed."""
-        try:
-            manifest = self.first.read_manifest(step)
-        except CorruptCheckpoint as err:
-            log.error("emergency save: step %d is not readable in %s: %s", step, self.tiers[0], err)
-            return None
+        manifest = self._committed_manifest
+        if manifest is None or manifest.step != step:  # restored from the first tier: one node, whole
+            try:
+                manifest = self.first.read_manifest(step)
+            except CorruptCheckpoint as err:
+                log.error("emergency save: step %d is not readable in %s: %s", step, self.tiers[0], err)
+                return None
         for promoter in self._promoters:
             if promoter.tier.ephemeral:
                 continue
@@ -441,7 +445,9 @@ class CheckpointManager:
                 if step not in tier.store.committed_steps():
                     continue
                 with _progress(f"verifying step {step} on {tier}"):
-                    tier.store.verify(step)
+                    manifest = tier.store.verify(step)
+                if SHARE_OF in manifest.meta:  # one node's part of a multi-node checkpoint: the bucket has it whole
+                    continue
                 with _progress(f"fetching step {step} from {tier}"):
                     directory = tier.store.fetch(step, self.scratch)
                 return (str(directory), tier.name), problems

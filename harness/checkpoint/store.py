@@ -1,6 +1,9 @@
 """Where committed checkpoints live. A store holds checkpoints by step; a checkpoint exists in a store
 only once its manifest is there, and the manifest is always the last thing written.
 
+Beside the checkpoints a store keeps small JSON records by name (`finished.json`: the job's end,
+harness/job_end.py), written whole or not at all.
+
 A checkpoint that cannot be trusted (fails verification, or is newer than the one a restore chose)
 is quarantined, never deleted: it stops being committed (the step can be saved again) and its files
 are kept under `quarantine/` with a `reason.json` (what failed, when, which incarnation), until a
@@ -32,6 +35,7 @@ from harness.checkpoint.manifest import (
 )
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
+RECORD_NAME = re.compile(r"^[a-z][a-z0-9_-]*\.json$")  # at the top: never a step, `latest` or a temp file
 TMP_PREFIX = ".tmp-"
 QUARANTINE = "quarantine"
 REASON = "reason.json"
@@ -135,6 +139,19 @@ class Store(ABC):
     @abstractmethod
     def purge_quarantine(self) -> list[str]:
         """Delete everything under quarantine/ (on a person's request only); returns what went."""
+
+    @abstractmethod
+    def read_record(self, name: str) -> dict | None:
+        """The JSON object stored as record `name` beside the checkpoints; None when there is none.
+        StoreError names the record when it cannot be read or is not a JSON object."""
+
+    @abstractmethod
+    def write_record(self, name: str, record: dict) -> None:
+        """Store (or replace) record `name`, whole: a reader sees the old one or the new one."""
+
+    @abstractmethod
+    def delete_record(self, name: str) -> bool:
+        """Remove record `name`; True when there was one."""
 
 
 class LocalStore(Store):
@@ -255,6 +272,57 @@ class LocalStore(Store):
         for name in gone:
             shutil.rmtree(self.root / QUARANTINE / name)
         return gone
+
+    def read_record(self, name: str) -> dict | None:
+        path = self.root / record_name(name)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as err:
+            raise StoreError(f"checkpoint store {self.url!r}: cannot read {path}: {err}") from None
+        return parse_record(text, str(path))
+
+    def write_record(self, name: str, record: dict) -> None:
+        """A temp file (cleaned by cleanup_uncommitted if left behind), fsynced, renamed over the record."""
+        path = self.root / record_name(name)
+        tmp = self.root / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_durably(tmp, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+            os.replace(tmp, path)
+            fsync_dir(self.root)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"checkpoint store {self.url!r}: cannot write {path}: {err}") from None
+
+    def delete_record(self, name: str) -> bool:
+        path = self.root / record_name(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.root)
+        return True
+
+
+def record_name(name: str) -> str:
+    """`name` if it can name a record (lowercase, `.json`), else ValueError: a record must never
+    collide with a step folder, `latest`, quarantine/ or a temp file."""
+    if not RECORD_NAME.match(name):
+        raise ValueError(f"record name {name!r} must match {RECORD_NAME.pattern}")
+    return name
+
+
+def parse_record(text: str, where: str) -> dict:
+    """A record's JSON object; StoreError naming `where` when the text is not one."""
+    try:
+        record = json.loads(text)
+    except ValueError as err:
+        raise StoreError(f"{where}: not JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise StoreError(f"{where}: not a JSON object")
+    return record
 
 
 def _read_reason(path: Path) -> dict:

@@ -43,5 +43,10 @@ def build_tiers(cfg) -> list[Tier]:
     return tiers
 
 
+def durable(tiers: list[Tier]) -> Tier:
+    """The last tier, the most durable (the bucket on a VM): where what outlives every VM is kept."""
+    return tiers[-1]
+
+
 def _scheme(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "disk"

@@ -20,6 +20,8 @@ Contract:
 - Where it connects: GCE_METADATA_HOST (host[:port]) or metadata.google.internal; `connect_to`
   (host[:port]) replaces only the address the name resolves to, the request still names the host, as
   curl's --connect-to does (the resolver hook tests use to stand a server in for the default name).
+- `attribute(name)` reads one instance attribute at once from the same server, with the same "not on
+  GCE" rule: None when it is not set or no metadata server is there.
 """
 
 from __future__ import annotations
@@ -51,6 +53,31 @@ class MetadataError(OSError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def attribute(name: str, timeout_s: float = READ_TIMEOUT_S) -> str | None:
+    """Instance attribute `name` (`instance/attributes/<name>`), read once; None when it is not set
+    (404) or, with GCE_METADATA_HOST unset, when no server is there (the name does not resolve, the
+    connection is refused). Any other failure raises OSError (MetadataError when it answered)."""
+    explicit = "GCE_METADATA_HOST" in os.environ
+    conn = http.client.HTTPConnection(os.environ.get("GCE_METADATA_HOST", DEFAULT_HOST), timeout=timeout_s)
+    try:
+        conn.request("GET", f"/computeMetadata/v1/instance/attributes/{name}", headers={"Metadata-Flavor": "Google"})
+        resp = conn.getresponse()
+        body = resp.read().decode()
+    except (socket.gaierror, ConnectionRefusedError):
+        if explicit:
+            raise
+        return None
+    except http.client.HTTPException as err:
+        raise MetadataError(0, f"attribute {name}: {err!r}") from None
+    finally:
+        conn.close()
+    if resp.status == 404:
+        return None
+    if resp.status != 200:
+        raise MetadataError(resp.status, f"attribute {name}: HTTP {resp.status} {body[:80]!r}")
+    return body
 
 
 class MetadataWatcher:
