@@ -44,7 +44,7 @@ from harness.preemption.health import HEALTH_FILE_ENV, Health, serve
 from harness.preemption.metadata import MetadataWatcher
 from harness.preemption.notice import PREEMPTED_MARKER, REJOIN_MARKER
 from harness.progress import ProgressDisplay
-from harness.state import TrainState, model_sha256, seed_everything, unwrap
+from harness.state import TrainState, capture_rng, model_sha256, restore_rng, seed_everything, unwrap
 from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
 
@@ -63,6 +63,32 @@ def build(cfg: DictConfig, d: distributed.Dist):
     return dataset, model, optimizer
 
 
+def micro_loss(model, dataset, part: range, d, autocast) -> torch.Tensor:
+    x, y = (t.to(d.device) for t in make_batch(dataset, part))
+    with autocast:
+        logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+
+def settle_gradient_buckets(job: Job, plan: BatchPlan, autocast) -> None:
+    """DDP lays out its gradient buckets by parameter order for its first backward, then rebuilds them
+    in the order the gradients became ready. gloo's ring all-reduce sums each element in an order that
+    depends on that layout, which at 3 or more ranks changes the last bits. A restarted process would
+    take its first step on the initial layout where the uninterrupted run had the rebuilt one: so each
+    process first runs one throwaway backward (eval mode, RNG put back, gradients dropped), and every
+    real step of every incarnation runs on the rebuilt layout."""
+    if not isinstance(job.model, torch.nn.parallel.DistributedDataParallel):
+        return
+    d, progress = job.dist, job.state.progress
+    rng = capture_rng(d.device)
+    job.model.eval()
+    part = rank_indices(progress.sample_index, plan.global_batch, d.rank, d.world_size)[: plan.micro_batch]
+    micro_loss(job.model, job.dataset, part, d, autocast).backward()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.model.train()
+    restore_rng(rng, d.device)
+
+
 def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d, cfg, notices, autocast,
                audit) -> float | None:
     """One optimizer step over this rank's share of the global batch; None if abandoned on a notice."""
@@ -74,11 +100,9 @@ def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d,
             state.rewind_to_step_boundary()
             return None
         part = indices[micro * plan.micro_batch : (micro + 1) * plan.micro_batch]
-        x, y = (t.to(d.device) for t in make_batch(dataset, part))
         last = micro == plan.grad_accum - 1
-        with (model.no_sync() if d.enabled and not last else nullcontext()), autocast:
-            logits = model(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        with model.no_sync() if d.enabled and not last else nullcontext():
+            loss = micro_loss(model, dataset, part, d, autocast)
         (loss / plan.grad_accum).backward()
         loss_sum += loss.item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -193,6 +217,7 @@ def loop(job: Job) -> int:
     audit = open_audit(cfg, d) if cfg.train.audit_samples else None
     rewindable = cfg.preemption.in_flight_step == "abandon" and plan.grad_accum > 1
     tokens_per_step = plan.global_batch * cfg.data.block_size
+    settle_gradient_buckets(job, plan, autocast)
     job.health.set_phase("training")
     job.model.train()
     blocking_s, seconds = -1.0, 0.0

@@ -2,11 +2,13 @@
 
     synth    write the Terraform JSON under infra.outdir (no cloud access, no terraform binary)
     plan     synth, then terraform init + plan
-    deploy   check the prerequisites (terraform, credentials, gcloud, project, APIs, GPU quota), build
-             the harness wheel and the wheelhouse, synth, terraform init, then in two phases:
+    deploy   check the prerequisites (terraform, credentials, gcloud, project, APIs, GPU quota) and
+             refuse a run that has finished (its `finished` record is in the bucket) unless
+             --resume-finished; build the harness wheel and the wheelhouse, synth, terraform init, then:
                1. plan -out + apply of the foundation (APIs, bucket, identities and their grants)
                2. publish the release to gs://<bucket>/releases/<version>/ (manifest.json last)
-               3. plan -out + apply of everything (instance groups, network, monitoring)
+               3. plan -out + apply of everything (instance groups, network, monitoring), then the
+                  master's group back to 1 (the job's end resized it to 0; Terraform leaves its size alone)
     destroy  synth, then terraform init + destroy (asks for confirmation unless --yes)
     cost     the hourly cost of each topology at the configured prices (or of the one given)
 """
@@ -20,8 +22,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness import job_end
+from harness.checkpoint.store import Store, StoreError
 from harness.config import ConfigError
-from infra import pricing, release, settings, terraform
+from infra import pricing, release, settings, terraform, vm
 
 TOPOLOGIES = tuple(sorted(p.stem for p in (settings.REPO / "conf" / "topology").glob("*.yaml")))
 PLAN_FILE = "tfplan"
@@ -54,7 +58,26 @@ def _synth(s: settings.Settings, version: str) -> Path:
     return stack_dir
 
 
-def _deploy(binary: str, gcloud: str, s: settings.Settings, quota_checked: bool) -> None:
+def _finished_run(s: settings.Settings, resume: bool) -> Store | None:
+    """Refuse to deploy a run whose `finished` record is in the bucket (its VMs would boot only to stop
+    again), unless `resume`: then the store whose record _deploy removes before the groups come up."""
+    from harness.checkpoint.gcs import GCSStore
+    from infra.constructs.storage import checkpoint_prefix  # the provider bindings: deploy pays them anyway
+
+    store = GCSStore(f"gs://{s.infra.bucket.name}/{checkpoint_prefix(s.run_id)}", retry_deadline_s=30.0,
+                     project=s.infra.project)
+    done = job_end.read(store)  # a bucket that does not exist yet holds no record
+    if done is None:
+        return None
+    if not resume:
+        raise ConfigError(f"run.name={s.run_id!r} finished at step {done.step} on {done.time} "
+                          f"({job_end.location(store)}): a deploy would boot VMs that stop at once; give a new "
+                          "run.name, or pass --resume-finished to run it again from its newest checkpoint "
+                          "(with a higher train.max_steps to train further)")
+    return store
+
+
+def _deploy(binary: str, gcloud: str, s: settings.Settings, quota_checked: bool, resume: Store | None) -> None:
     """Build, synthesize and apply in the order a fresh project needs (see the module docstring)."""
     from infra import prerequisites, stacks
 
@@ -71,13 +94,20 @@ def _deploy(binary: str, gcloud: str, s: settings.Settings, quota_checked: bool)
         print(f"published {release.publish(s, version, wheel, wheelhouse)}", flush=True)
     if not quota_checked:
         prerequisites.check_quota(s, gcloud)
+    if resume is not None and resume.delete_record(job_end.RECORD):  # before any VM of the run can boot
+        print(f"--resume-finished: removed {job_end.location(resume)}", flush=True)
     terraform.run(binary, stack_dir, "plan", "-input=false", f"-out={PLAN_FILE}")
     terraform.run(binary, stack_dir, "apply", "-input=false", PLAN_FILE)
+    # The workers' size is Terraform's; the master's group has its size ignored (its one instance comes
+    # from a per-instance config), so after a finished run resized it to 0 it is brought back here.
+    master = vm.group_paths(s)[vm.groups(s)[0].role]
+    job_end.resize(master, 1)
+    print(f"{master}: target size 1", flush=True)
     for warning in settings.warnings(s):
         print(f"warning: {warning}", flush=True)
 
 
-def run(command: str, overrides: Sequence[str], yes: bool = False) -> None:
+def run(command: str, overrides: Sequence[str], yes: bool = False, resume_finished: bool = False) -> None:
     if command == "cost":
         print(_cost_table(overrides))
         return
@@ -89,7 +119,8 @@ def run(command: str, overrides: Sequence[str], yes: bool = False) -> None:
         from infra import prerequisites
 
         gcloud = prerequisites.gcloud()
-        _deploy(binary, gcloud, s, prerequisites.check_project(s, gcloud))
+        quota_checked = prerequisites.check_project(s, gcloud)
+        _deploy(binary, gcloud, s, quota_checked, _finished_run(s, resume_finished))
         return
     stack_dir = _synth(s, release.version())
     if binary is None:
@@ -107,12 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", choices=("synth", "plan", "deploy", "destroy", "cost"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, exactly as for training")
     parser.add_argument("--yes", action="store_true", help="destroy without asking for confirmation")
+    parser.add_argument("--resume-finished", action="store_true",
+                        help="deploy a run that has finished again (its `finished` record is removed)")
     args = parser.parse_intermixed_args(argv)
     try:
-        run(args.command, args.overrides, args.yes)
-    except (ConfigError, terraform.PreflightError) as err:
+        run(args.command, args.overrides, args.yes, args.resume_finished)
+    except (ConfigError, terraform.PreflightError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except job_end.ResizeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except subprocess.CalledProcessError as err:
         print(f"error: {Path(str(err.cmd[0])).name} {' '.join(map(str, err.cmd[1:]))} failed (exit {err.returncode})",
               file=sys.stderr)

@@ -7,7 +7,7 @@
 # package index) into a fresh directory; runs a preflight (Python, torch, GPUs); writes the W&B key
 # into a root-only env file; writes and starts one systemd unit:
 #   master, worker: spot-train.service       -> python -m harness.launch <overrides>
-#   coordinator:    spot-rendezvous.service  -> python -m harness.rendezvous --port <port>
+#   coordinator:    spot-rendezvous.service  -> python -m harness.rendezvous --port <port> --run-id <run id>
 # Safe to run again after a reboot or on a recreated VM: nothing that exists is made twice, and a
 # persistent disk that has a filesystem is never formatted.
 #
@@ -515,7 +515,7 @@ EOF
 
 rendezvous_unit() {
     local exec_start
-    exec_start=$(exec_line "$HARNESS_PYTHON" -m harness.rendezvous --port "${RDZV_ENDPOINT##*:}")
+    exec_start=$(exec_line "$HARNESS_PYTHON" -m harness.rendezvous --port "${RDZV_ENDPOINT##*:}" --run-id "$RUN_ID")
     cat <<EOF
 # Written by startup.sh; rewritten only when the job in the metadata changes.
 [Unit]
@@ -567,6 +567,8 @@ start_unit() {
 
 run_coordinator() {
     local unit
+    RUN_ID=$(attr spot-run-id)
+    check spot-run-id "$RUN_ID" '^[A-Za-z0-9][A-Za-z0-9._-]*$' "letters, digits, '.', '_', '-'"
     if [[ -z ${SPOT_HARNESS_PYTHON:-} ]]; then read_release; fi
     read_preflight
     install_release

@@ -1,7 +1,8 @@
 """`python -m harness.chaos [overrides]` (`make chaos`): run a training job on the local Spot cloud.
 
 Overrides starting with `chaos.` configure the cloud (conf/chaos/default.yaml); every other override is
-the training job's, appended to `chaos.job` and carried to each VM in its metadata. Prints where the
+the job's and the deployment's, exactly as `make deploy` takes them (`topology=all_spot`, training
+keys), appended to `chaos.job`; infra/vm.py turns them into each VM's metadata. Prints where the
 report and the timeline are; exits 0 when the job finished, 1 when it did not, 2 on a bad config.
 """
 
@@ -12,14 +13,32 @@ import signal
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from harness import config
 from harness.chaos import report, schedule
 from harness.chaos.cloud import Cloud
+from harness.chaos.differences import differences
 from harness.chaos.reference import Reference
+from infra import settings as infra_settings
+from infra.settings import Settings
+from infra.vm import groups
 
 
 def is_chaos_key(override: str) -> bool:
     return override.lstrip("+~").startswith("chaos.")
+
+
+def compose(overrides: list[str]) -> tuple[list[str], DictConfig, Settings]:
+    """The job's overrides as `make deploy` would take them (chaos.job, the job's name and trainer, then
+    the command line's), the config a VM composes from them with `chaos.*`, and their deployment."""
+    own = [o for o in overrides if is_chaos_key(o)]
+    chaos = config.load(own).chaos
+    job = [*chaos.job, f"run.name={chaos.name}", f"launch.module={chaos.trainer}",
+           *(f"chaos.baseline.{key}={value}" for key, value in chaos.baseline.items()),
+           *(o for o in overrides if not is_chaos_key(o))]
+    cfg = config.load([*job, *own])  # the job as every VM will compose it: fail here, not on the VMs
+    return job, cfg, infra_settings.load(job)
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
@@ -32,33 +51,30 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     overrides = sys.argv[1:] if argv is None else argv
-    own = [o for o in overrides if is_chaos_key(o)]
     try:
-        chaos = config.load(own).chaos
-        job = [*chaos.job, *(o for o in overrides if not is_chaos_key(o))]
-        cfg = config.load([*job, *own])  # the job as every VM will compose it: fail here, not on the VMs
-        plan = schedule.build(cfg.chaos)
+        job, cfg, settings = compose(overrides)
+        plan = schedule.build(cfg.chaos, sum(group.size for group in groups(settings) if group.spot))
+        cloud = Cloud(cfg, settings, differences(cfg, settings), Path(cfg.chaos.out_dir), plan)
     except (config.ConfigError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    chaos = cfg.chaos
-    out = Path(chaos.out_dir).resolve()
+    chaos, out = cfg.chaos, cloud.out
     for stale in ("vms", "logs", "gcs", "chaos_report.json", "chaos_timeline.png", "ledger.jsonl"):
         path = out / stale
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    world = int(chaos.topology.workers) * int(chaos.topology.nproc_per_worker)
-    ref = Reference(list(job), world, out.parent / "references", float(chaos.max_duration_s))
+    ref = Reference(list(job), cloud.world_size, out.parent / "references", float(chaos.max_duration_s))
     if chaos.reference:
         ref.start()
-    print(f"chaos: {chaos.topology.workers} Spot workers x {chaos.topology.nproc_per_worker} procs + coordinator, "
-          f"trainer {chaos.trainer}, {len(plan)} preemptions planned (mtbi_s={chaos.mtbi_s} per VM, "
+    vms = ", ".join(f"{s.spec.name} ({s.spec.role})" for s in cloud.slots)
+    print(f"chaos: topology {settings.topology.name}: {vms}; world size {cloud.world_size}, trainer "
+          f"{chaos.trainer}, {len(cloud.schedule)} preemptions planned (mtbi_s={chaos.mtbi_s} per Spot VM, "
           f"seed {chaos.seed}, notice {chaos.notice_s}s, recreate {chaos.recreate_s}s)", flush=True)
     try:
-        outcome = Cloud(cfg, out, list(job), plan).run()
+        outcome = cloud.run()
         reference_sha = ref.model_sha256() if chaos.reference else None
     finally:
         ref.stop()
-    result = report.build(outcome, chaos, reference_sha)
+    result = report.build(outcome, chaos, settings, cloud.found, reference_sha)
     json_path, png_path = report.write(result, outcome, out)
     ledger = result["ledger"]["goodput"] if result["ledger"] else None
     print(f"chaos: finished={result['finished']} goodput: ledger {'-' if ledger is None else f'{ledger:.3f}'}, "

@@ -1,12 +1,16 @@
-"""The local Spot cloud: an on-demand coordinator VM that hosts the rendezvous store, a managed group
-of Spot worker VMs that train, and a shared bucket (fake-gcs-server), all on this machine.
+"""The local Spot cloud: the VMs of a deployment's topology (`topology=hybrid`: an on-demand master
+that trains and whose agent hosts the c10d store, plus Spot workers; `topology=all_spot`: an
+on-demand coordinator running `harness.rendezvous`, plus Spot workers), and a shared bucket
+(fake-gcs-server), all on this machine.
 
-The cloud boots the VMs (startup.sh does the rest, as on GCP), tails the trainers' sample audit, and
-replays the preemption schedule the GCP way: at T the VM's `instance/preempted` turns TRUE and its
-shutdown script runs (which SIGTERMs the trainer); the VM stops when its shutdown is done, or is
-killed outright at T + notice_s, and its disks are gone. Like a MIG, the cloud recreates a stopped
-Spot VM (same name, blank disks) after `recreate_s`. It stops when the job has written its summary
-and every trainer has exited, or at `max_duration_s`.
+Every VM gets the metadata `infra/vm.py` builds for the same topology and job, scripts included,
+changed only as `differences.py` lists. The cloud boots the VMs (startup.sh does the rest, as on
+GCP), tails the trainers' sample audit, and replays the preemption schedule on the Spot VMs the GCP
+way: at T the VM's `instance/preempted` turns TRUE and its shutdown script runs (which SIGTERMs the
+trainer); the VM stops when its shutdown is done, or is killed outright at T + notice_s, and its
+disks are gone. Like a MIG, the cloud recreates a stopped Spot VM (same name, blank disks) after
+`recreate_s`. It stops when the job has written its summary and every trainer has exited, or at
+`max_duration_s`.
 """
 
 from __future__ import annotations
@@ -22,17 +26,46 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from harness.chaos import differences
 from harness.chaos.audit import AuditTail
+from harness.chaos.differences import Difference
 from harness.chaos.gcs import FakeGCSServer, free_port
 from harness.chaos.schedule import Preemption
-from harness.chaos.vm import Vm, VmSpec
+from harness.chaos.systemctl import unit_exits
+from harness.chaos.vm import SSD_NAME, TRAIN_UNIT, Vm, VmSpec
 from harness.telemetry.ledger import read_ledger
+from infra import vm as infra_vm
+from infra.settings import Settings
 
-BUCKET = "chaos-bucket"
 # A VM image holds compiled bytecode; a cache outside the venv (which stays untouched) stands in for it.
 PYCACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spot-harness" / "pycache"
+RELEASE = "local-checkout"  # spot-release: startup.sh installs no release here (differences: release)
+UNITS = {"coordinator": "spot-rendezvous.service"}  # every other role runs the training unit
 SHUTDOWN_CHECK_S = 0.25  # how often a preempted VM is asked whether its shutdown is done
 FINISH_GRACE_S = 60.0  # after the summary appears, how long trainers get to exit
+
+
+def vm_specs(settings: Settings, found: list[Difference], rdzv_endpoint: str, vms: Path) -> list[VmSpec]:
+    """The topology's VMs, master or coordinator first, each with the metadata infra/vm.py builds for
+    its group, changed as `found` lists; a VM's disks live in `vms/<name>/dev/`."""
+    scripts = infra_vm.startup_scripts(settings)
+    specs = []
+    for group in infra_vm.groups(settings):
+        for n in range(group.size):
+            name = group.role if group.role != "worker" else f"worker-{n}"
+            attrs = {**scripts, **infra_vm.attributes(settings, group, rdzv_endpoint=rdzv_endpoint,
+                                                      bucket=settings.infra.bucket.name, release=RELEASE)}
+            attrs |= differences.attributes(found)
+            disks = [f"{SSD_NAME}{i}" for i in range(group.node.local_ssd_count)]
+            if "spot-hydra-overrides" in attrs:
+                attrs["spot-hydra-overrides"] = " ".join([attrs["spot-hydra-overrides"],
+                                                          *differences.job_overrides(found)])
+                attrs["spot-health-port"] = str(free_port())
+            if "spot-pd-device" in attrs:
+                disks.append(Path(attrs["spot-pd-device"]).name)
+                attrs["spot-pd-device"] = str((vms / name / "dev" / disks[-1]).resolve())
+            specs.append(VmSpec(name, group.role, group.spot, attrs, disks))
+    return specs
 
 
 @dataclass
@@ -47,7 +80,7 @@ class Event:
 class Outcome:
     """What happened, for the report."""
 
-    start: float  # the worker VMs' first boot
+    start: float  # the first training VM's first boot
     end: float
     clock: float | None  # time of the first completed step: where the schedule's times start
     finished: bool
@@ -58,27 +91,38 @@ class Outcome:
     schedule: list[Preemption]
     logs: Path
     world_size: int
+    vms: list[dict[str, Any]]
 
 
 @dataclass
 class Slot:
-    """A VM name that the cloud keeps filled (one MIG instance, or the coordinator)."""
+    """A VM name that the cloud keeps filled (one MIG instance, the master or the coordinator)."""
 
     spec: VmSpec
     vm: Vm | None = None
     boots: int = 0
+    preemptions: int = 0
+    rank0_preemptions: int = 0  # preemptions of a boot that ran global rank 0
     state: str = "down"  # booting | up | preempted | down
     since: float = 0.0
     recreate_at: float | None = None
     next_check: float = 0.0
 
+    @property
+    def trains(self) -> bool:
+        return self.spec.role != "coordinator"
+
+    def logs(self, out: Path, boot: int) -> Path:
+        return out / "logs" / self.spec.name / f"boot-{boot}"
+
 
 @dataclass
 class Cloud:
     cfg: DictConfig  # the composed config; `chaos.*` drives the cloud
+    settings: Settings  # the deployment of the same job and topology (infra/settings.py)
+    found: list[Difference]  # what differs from that deployment (differences.py)
     out: Path
-    job_overrides: list[str]  # Hydra overrides of the training job, as every VM's metadata carries them
-    schedule: list[Preemption]
+    schedule: list[Preemption]  # over the Spot VMs, in their order
     events: list[Event] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -86,100 +130,79 @@ class Cloud:
         self.out = self.out.resolve()
         self.tag = uuid.uuid4().hex[:8]
         self.audit = AuditTail()
-        self.run_id = str(self.chaos.name)
         self.rdzv_port = free_port()
-        self.world_size = int(self.chaos.topology.workers) * int(self.chaos.topology.nproc_per_worker)
-
-    # ------------------------------------------------------------------ topology
-
-    def _worker_spec(self, index: int) -> VmSpec:
-        workers, nproc = int(self.chaos.topology.workers), int(self.chaos.topology.nproc_per_worker)
-        overrides = [*self.job_overrides, *self._forced_overrides()]
-        bad = [o for o in overrides if not o or any(c.isspace() for c in o)]
-        if bad:
-            raise ValueError(f"training overrides travel space-separated in VM metadata; these hold spaces: {bad}")
-        return VmSpec(f"worker-{index}", "worker", spot=True, attributes={
-            "spot-role": "worker",
-            "spot-rdzv-endpoint": f"127.0.0.1:{self.rdzv_port}",
-            "spot-bucket": BUCKET,
-            "spot-run-id": self.run_id,
-            "spot-nnodes": f"{workers}:{workers}",
-            "spot-nproc-per-node": str(nproc),
-            "spot-health-port": str(free_port()),
-            "spot-hydra-overrides": " ".join(overrides),
-        })
-
-    def _forced_overrides(self) -> list[str]:
-        """What the simulation needs of every trainer: the audit it observes, restarts that outlast any
-        number of preemptions, an agent that never hosts the store and notices dead peers fast, an
-        emergency save that fits the notice, and the baseline trainer's own settings."""
-        rdzv = ("is_host=False,keep_alive_interval=1,keep_alive_max_attempt=3,"
-                f"join_timeout={int(self.chaos.max_duration_s)}")
-        return [
-            "train.audit_samples=true",
-            "launch.max_restarts=1000",
-            f"launch.rdzv_conf='{rdzv}'",
-            f"launch.module={self.chaos.trainer}",
-            f"preemption.deadline_s={max(1.0, float(self.chaos.notice_s) - 1.0)}",
-            *(f"chaos.baseline.{key}={value}" for key, value in self.chaos.baseline.items()),
-        ]
+        self.slots = [Slot(spec) for spec in vm_specs(self.settings, self.found, f"127.0.0.1:{self.rdzv_port}",
+                                                      self.out / "vms")]
+        self.trainers = [s for s in self.slots if s.trains]
+        self.spot = [s for s in self.slots if s.spec.spot]
+        self.world_size = sum(int(s.spec.attributes["spot-nproc-per-node"]) for s in self.trainers)
 
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> Outcome:
         gcs = FakeGCSServer(workdir=self.out / "gcs").start()
-        gcs.make_bucket(BUCKET)
+        gcs.make_bucket(self.settings.infra.bucket.name)
         self.env = {"STORAGE_EMULATOR_HOST": gcs.host, "PYTHONPYCACHEPREFIX": str(PYCACHE)}
-        coordinator = Slot(VmSpec("coordinator", "coordinator", spot=False, attributes={
-            "spot-role": "coordinator", "spot-rdzv-endpoint": f"127.0.0.1:{self.rdzv_port}"}))
-        workers = [Slot(self._worker_spec(i)) for i in range(int(self.chaos.topology.workers))]
+        first, workers = self.slots[0], self.slots[1:]
         try:
-            self._boot(coordinator, time.time())
+            # The job's wall time starts with its first training VM; a coordinator is infrastructure.
+            start = time.time()
+            self._boot(first, start)
             self._wait_for_port(self.rdzv_port, float(self.chaos.boot_timeout_s))
-            start = time.time()  # the job's wall time starts with its VMs; the coordinator is infrastructure
+            if not first.trains:
+                start = time.time()
             for i, slot in enumerate(workers):
-                # VMs never start in the same instant; worker-0 first also makes its agent the first in the
-                # rendezvous order (global rank 0), as worker-0's hostname would on GCP.
+                # VMs never start in the same instant; booting the store's host first, then worker i after
+                # worker i-1, orders the agents as the VMs' hostnames would on GCP (differences: hostname).
                 time.sleep(float(self.chaos.boot_stagger_s) if i else 0.0)
                 self._boot(slot, time.time())
-            finished, summary, clock = self._loop(workers, start)
+            finished, summary, clock = self._loop(start)
             ledger = self._read_ledger(gcs.host)
             (self.out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger))
         finally:
-            for slot in [*workers, coordinator]:
+            for slot in reversed(self.slots):
                 if slot.vm is not None:
                     slot.vm.delete()
             gcs.close()
         return Outcome(start, time.time(), clock, finished, self.events, self.audit, summary, ledger,
-                       self.schedule, self.out / "logs", self.world_size)
+                       self.schedule, self.out / "logs", self.world_size, [self._record(s) for s in self.slots])
 
-    def _loop(self, workers: list[Slot], start: float) -> tuple[bool, dict | None, float | None]:
+    def _record(self, slot: Slot) -> dict[str, Any]:
+        """The report's entry for one VM; `unit_exits` are its unit's main-process exits over all boots."""
+        spec = slot.spec
+        unit = UNITS.get(spec.role, TRAIN_UNIT)
+        return {"name": spec.name, "role": spec.role, "provisioning": "SPOT" if spec.spot else "STANDARD",
+                "boots": slot.boots, "preemptions": slot.preemptions, "rank0_preemptions": slot.rank0_preemptions,
+                "unit": unit, "unit_exits": [code for n in range(1, slot.boots + 1)
+                                             for code in unit_exits(slot.logs(self.out, n), unit)]}
+
+    def _loop(self, start: float) -> tuple[bool, dict | None, float | None]:
         pending = list(self.schedule)
         clock: float | None = None
         summary_seen: float | None = None
         poll_s, deadline = float(self.chaos.poll_s), start + float(self.chaos.max_duration_s)
         while True:
             now = time.time()
-            for slot in workers:
+            for slot in self.trainers:
                 self._tend(slot, now)
             if clock is None:
                 clock = self.audit.first_step_time()
             while clock is not None and summary_seen is None and pending and clock + pending[0].at_s <= now:
-                self._preempt(workers[pending.pop(0).vm], now)
-            if summary_seen is None and self._summary(workers) is not None:
+                self._preempt(self.spot[pending.pop(0).vm], now)
+            if summary_seen is None and self._summary() is not None:
                 summary_seen = now
                 self._event(now, "finished", "job", "summary.json written")
             if summary_seen is not None and (
-                    all(s.vm is not None and s.vm.trainer_finished() for s in workers)
+                    all(s.vm is not None and s.vm.trainer_finished() for s in self.trainers)
                     or now > summary_seen + FINISH_GRACE_S):
-                return True, self._summary(workers), clock
+                return True, self._summary(), clock
             if now > deadline:
                 self._event(now, "timeout", "job", f"chaos.max_duration_s={self.chaos.max_duration_s} reached")
                 return False, None, clock
             time.sleep(poll_s)
 
     def _tend(self, slot: Slot, now: float) -> None:
-        """Advance one worker slot: notice its boot, tail its audit, power it off, recreate it."""
+        """Advance one training VM's slot: notice its boot, tail its audit, power it off, recreate it."""
         vm = slot.vm
         if vm is not None:
             self.audit.poll(self._label(slot), vm.run_dir, now)
@@ -202,7 +225,7 @@ class Cloud:
     def _boot(self, slot: Slot, now: float) -> None:
         slot.boots += 1
         name = slot.spec.name
-        slot.vm = Vm(slot.spec, self.out / "vms" / name, self.out / "logs" / name / f"boot-{slot.boots}",
+        slot.vm = Vm(slot.spec, self.out / "vms" / name, slot.logs(self.out, slot.boots),
                      f"{self.tag}/{name}/{slot.boots}", self.env)
         slot.vm.boot()
         slot.state, slot.since, slot.recreate_at = "booting", now, None
@@ -225,7 +248,12 @@ class Cloud:
             return
         slot.vm.preempt(float(self.chaos.notice_s))
         slot.state, slot.since, slot.next_check = "preempted", now, now + SHUTDOWN_CHECK_S
-        self._event(now, "preempt", slot.spec.name, f"notice {self.chaos.notice_s}s")
+        slot.preemptions += 1
+        rank0 = self.audit.rank0()
+        holds = bool(rank0) and rank0[-1].source.startswith(f"{self._label(slot)}/")
+        slot.rank0_preemptions += holds
+        self._event(now, "preempt", slot.spec.name, f"notice {self.chaos.notice_s}s"
+                    + (", holds global rank 0" if holds else ""))
 
     def _power_off(self, slot: Slot, now: float, why: str) -> None:
         """The VM is gone: read its audit one last time, kill it, wipe its disks; the MIG recreates it."""
@@ -243,8 +271,8 @@ class Cloud:
     def _label(self, slot: Slot) -> str:
         return f"{slot.spec.name}/boot-{slot.boots}"
 
-    def _summary(self, workers: list[Slot]) -> dict | None:
-        for slot in workers:
+    def _summary(self) -> dict | None:
+        for slot in self.trainers:
             if slot.vm is not None and (path := slot.vm.run_dir / "summary.json").is_file():
                 try:
                     return json.loads(path.read_text())
@@ -258,7 +286,7 @@ class Cloud:
         previous = os.environ.get("STORAGE_EMULATOR_HOST")
         os.environ["STORAGE_EMULATOR_HOST"] = gcs_host
         try:
-            return read_ledger(f"gs://{BUCKET}/runs/{self.run_id}/checkpoints/ledger")
+            return read_ledger(f"gs://{self.settings.infra.bucket.name}/runs/{self.settings.run_id}/checkpoints/ledger")
         except Exception:  # noqa: BLE001 - a missing or unreadable ledger only means no ledger breakdown
             return []
         finally:
@@ -280,4 +308,4 @@ class Cloud:
                     return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"the coordinator's rendezvous store did not listen on port {port} within {timeout_s}s")
+        raise RuntimeError(f"the rendezvous store did not listen on port {port} within {timeout_s}s")

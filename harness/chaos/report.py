@@ -2,7 +2,7 @@
 
 Two views of where the time went:
 - `observer`: computed by the cloud from what it saw, for any trainer (the guides' baseline keeps no
-  ledger). The job's wall time runs from the worker VMs' first boot to the summary. Rank 0's step
+  ledger). The job's wall time runs from the first training VM's first boot to the summary. Rank 0's step
   completions split it into productive (time stepping, for steps kept) · lost (time stepping, for
   steps computed again later) · checkpoint (pauses within one process beyond twice the median step:
   blocking saves) · restart (from one trainer process's last step to the next one's first: notice,
@@ -10,6 +10,8 @@ Two views of where the time went:
   last) · other (what rounding leaves; about zero).
 - `ledger`: the job's own goodput ledger (harness/telemetry), when the trainer keeps one in the bucket.
 `goodput` is the ledger's when there is one, else the observer's.
+`topology` and `vms` show the deployment that ran (one entry per VM: role, provisioning, boots,
+preemptions, its unit's exit codes), `differences_from_deploy` what the local cloud changed in it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from typing import Any
 
 from harness.chaos.audit import StepDone
 from harness.chaos.cloud import Outcome
+from harness.chaos.differences import Difference
 from harness.telemetry.goodput import breakdown
+from infra.settings import Settings
+from infra.vm import groups
 
 CATEGORIES = ("productive", "lost", "checkpoint", "restart", "startup", "shutdown", "other")
 COLORS = {"productive": "#2e7d32", "lost": "#c62828", "checkpoint": "#f9a825", "restart": "#6a1b9a",
@@ -83,7 +88,18 @@ def ledger_breakdown(events: list[dict[str, Any]], end: float) -> dict[str, Any]
             "restarts": b.restarts, "lost_steps": b.lost_steps, "productive_steps": b.productive_steps}
 
 
-def build(outcome: Outcome, chaos, reference_sha: str | None) -> dict[str, Any]:
+def topology(settings: Settings, outcome: Outcome) -> dict[str, Any]:
+    """The topology group's name and shape: each group of VMs with its role, provisioning and size."""
+    shape = [{"role": g.role, "provisioning": "SPOT" if g.spot else "STANDARD", "size": g.size,
+              "machine_type": g.node.machine_type} for g in groups(settings)]
+    lo, hi = settings.trainer_nodes()
+    return {"name": settings.topology.name, "groups": shape, "spot_workers": sum(g["size"] for g in shape
+                                                                                 if g["provisioning"] == "SPOT"),
+            "trainer_nodes": f"{lo}:{hi}", "world_size": outcome.world_size}
+
+
+def build(outcome: Outcome, chaos, settings: Settings, found: list[Difference],
+          reference_sha: str | None) -> dict[str, Any]:
     observer = observed_breakdown(outcome)
     ledger = ledger_breakdown(outcome.ledger, outcome.end)
     summary = outcome.summary or {}
@@ -94,8 +110,9 @@ def build(outcome: Outcome, chaos, reference_sha: str | None) -> dict[str, Any]:
     return {
         "finished": outcome.finished,
         "trainer": chaos.trainer,
-        "topology": {"spot_workers": int(chaos.topology.workers), "coordinator": 1,
-                     "nproc_per_worker": int(chaos.topology.nproc_per_worker), "world_size": outcome.world_size},
+        "topology": topology(settings, outcome),
+        "vms": outcome.vms,
+        "differences_from_deploy": [d.as_dict() for d in found],
         "schedule": {"mtbi_s_per_vm": float(chaos.mtbi_s), "seed": int(chaos.seed), "notice_s": float(chaos.notice_s),
                      "recreate_s": float(chaos.recreate_s), "explicit": bool(chaos.get("preemptions")),
                      "planned": [{"at_s": p.at_s, "vm": p.vm} for p in outcome.schedule],
@@ -158,7 +175,7 @@ def plot(report: dict[str, Any], outcome: Outcome, path: Path) -> None:
     fig, (ax_vm, ax_step, ax_bar) = plt.subplots(3, 1, figsize=(12, 7.5), height_ratios=[1.3, 2, 0.6])
     spans = _vm_spans(report, end_s)
     colors = {"booting": "#90caf9", "up": "#a5d6a7", "notice": "#ffcc80", "down": "#ef9a9a"}
-    names = sorted(spans, key=lambda n: (n != "coordinator", n))
+    names = sorted(spans, key=lambda n: (n.startswith("worker"), n))
     for row, vm in enumerate(names):
         for a, b, state in spans[vm]:
             ax_vm.barh(row, b - a, left=a, color=colors[state], edgecolor="none")
@@ -183,7 +200,7 @@ def plot(report: dict[str, Any], outcome: Outcome, path: Path) -> None:
             ax_step.axvline(e["t_s"], color="#c62828", lw=0.8, ls="--")
     ax_step.set_xlim(left, end_s)
     ax_step.set_ylabel("step (rank 0)")
-    ax_step.set_xlabel("seconds since the worker VMs' first boot")
+    ax_step.set_xlabel("seconds since the first training VM's first boot")
     if len(by_source) <= 12:
         ax_step.legend(fontsize=7, loc="upper left")
     seconds = report["goodput"]["seconds"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True, order=True)
 class Preemption:
     at_s: float  # seconds after the first completed step
-    vm: int  # Spot worker slot
+    vm: int  # the Spot VM's index among the topology's Spot VMs (the workers, in order)
 
 
 def exponential(slots: int, mtbi_s: float, horizon_s: float, seed: int) -> list[Preemption]:
@@ -44,9 +44,9 @@ def explicit(entries: Iterable[Mapping], slots: int) -> list[Preemption]:
     return sorted(out)
 
 
-def build(cfg) -> list[Preemption]:
-    """The schedule of `chaos.*`: `preemptions` when given, else the seeded exponential draw."""
-    slots = int(cfg.topology.workers)
+def build(cfg, slots: int) -> list[Preemption]:
+    """The schedule of `chaos.*` over `slots` Spot VMs: `preemptions` when given, else the seeded
+    exponential draw."""
     if cfg.get("preemptions"):
         return explicit(cfg.preemptions, slots)
     return exponential(slots, float(cfg.mtbi_s), float(cfg.max_duration_s), int(cfg.seed))

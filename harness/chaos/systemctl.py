@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from harness.process_tree import alive, descendants
 
 PR_SET_CHILD_SUBREAPER = 36
 START_TIMEOUT_S = 30.0
+EXITED = "chaos-systemd: {unit}: main process exited with {code}"  # the journal's line per exit
 
 
 @dataclass
@@ -123,6 +125,16 @@ def unit_active(root: Path, unit: str) -> bool:
     return state == "active" and alive(supervisor) and alive(main)
 
 
+def unit_exits(log_dir: Path, unit: str) -> list[int]:
+    """The exit codes of a unit's main process in order, from its journal in `log_dir` (one boot's)."""
+    try:
+        text = (log_dir / f"{unit}.log").read_text(errors="replace")
+    except OSError:
+        return []
+    pattern = re.compile("^" + re.escape(EXITED.format(unit=unit, code="@")).replace("@", r"(-?\d+)") + "$", re.M)
+    return [int(code) for code in pattern.findall(text)]
+
+
 def _write_state(unit: str, state: str, main: int = 0) -> None:
     tmp = _state_dir() / f".{unit}.state.tmp"
     tmp.write_text(f"{state} {os.getpid()} {main}\n")
@@ -168,7 +180,7 @@ class Supervisor:
             code = self._wait_main()
             journal.join(timeout=5)
             self._reap_orphans()
-            print(f"chaos-systemd: {self.unit.name}: main process exited with {code}", flush=True)
+            print(EXITED.format(unit=self.unit.name, code=code), flush=True)
             if self.stopping or not self.unit.restarts_after(code):
                 _write_state(self.unit.name, "inactive" if code in self.unit.success else "failed")
                 return 0

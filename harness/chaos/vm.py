@@ -1,11 +1,13 @@
-"""One simulated VM: the real startup/shutdown scripts, run as ordinary processes on this machine.
+"""One simulated VM: the startup and shutdown scripts of its metadata, run as ordinary processes.
 
-A VM is a root directory (its boot disk and local SSD: `SPOT_ROOT`), a fake metadata server of its own,
-the stubbed system commands of `stubs/` first on its PATH (`systemctl` runs units for real), and every
-process it starts, tagged by `SPOT_CHAOS_VM=<id>` in their environment: the tag is how the whole VM
-is killed at once, torchrun's workers in their own sessions included. Deleting the VM kills those
-processes and wipes its root, local SSD and all. Unit output (the journal) and the scripts' logs go
-to a log folder outside the root, which survives the VM.
+A VM is a root directory (`SPOT_ROOT`: its boot disk, with its disks as sparse files in dev/), a fake
+metadata server of its own serving its attributes, the stubbed system commands of `stubs/` first on
+its PATH (`systemctl` runs units for real), and every process it starts, tagged by
+`SPOT_CHAOS_VM=<id>` in their environment: the tag is how the whole VM is killed at once, torchrun's
+workers in their own sessions included. As GCE's guest agent does, it runs the `startup-script` and
+`shutdown-script` attributes. Deleting the VM kills those processes and wipes its root, local SSD and
+all. Unit output (the journal) and the scripts' logs go to a log folder outside the root, which
+survives the VM.
 """
 
 from __future__ import annotations
@@ -23,20 +25,21 @@ from harness.chaos.metadata import FakeMetadata
 from harness.chaos.systemctl import unit_active
 
 REPO = Path(__file__).resolve().parents[2]
-STARTUP_SH = REPO / "startup" / "startup.sh"
-SHUTDOWN_SH = REPO / "startup" / "shutdown.sh"
 STUBS = Path(__file__).resolve().parent / "stubs"
 TAG = "SPOT_CHAOS_VM"
 SSD_MOUNT = "/mnt/localssd"
+SSD_NAME = "google-local-nvme-ssd-"  # how the guest names NVMe Local SSDs (startup.sh globs them)
+DISK_BYTES = 16 << 20  # a sparse file is enough for mkfs.ext4; the mount point stays a directory
 TRAIN_UNIT = "spot-train.service"
 
 
 @dataclass
 class VmSpec:
     name: str
-    role: str  # worker | coordinator (startup.sh's spot-role)
+    role: str  # master | worker | coordinator (startup.sh's spot-role)
     spot: bool
-    attributes: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, str] = field(default_factory=dict)  # the instance metadata, scripts included
+    disks: list[str] = field(default_factory=list)  # device files in the VM's dev/, blank at every boot
 
 
 class Vm:
@@ -55,7 +58,7 @@ class Vm:
             "TMPDIR": str(root / "tmp"),
             "SPOT_ROOT": str(root),
             "GCE_METADATA_HOST": self.metadata.host,
-            "SPOT_LOCAL_SSD_GLOB": str(root / "dev" / "google-local-nvme-ssd-*"),
+            "SPOT_LOCAL_SSD_GLOB": str(root / "dev" / f"{SSD_NAME}*"),
             "SPOT_HARNESS_PYTHON": sys.executable,
             "SPOT_CHAOS_LOG_DIR": str(logs),
             "PYTHONPATH": str(REPO),
@@ -77,12 +80,15 @@ class Vm:
         return self.root / SSD_MOUNT.lstrip("/") / "runs" / self.spec.attributes.get("spot-run-id", "")
 
     def boot(self) -> None:
-        """Power on: a blank root, then the startup script (GCE's startup-script), in the background."""
+        """Power on: a blank root and blank disks, then the startup script, in the background."""
         shutil.rmtree(self.root, ignore_errors=True)
-        for sub in ("root", "tmp", "dev"):
+        for sub in ("root", "tmp", "dev", "var/run"):
             (self.root / sub).mkdir(parents=True)
+        for disk in self.spec.disks:
+            with open(self.root / "dev" / disk, "wb") as f:
+                f.truncate(DISK_BYTES)
         self.logs.mkdir(parents=True, exist_ok=True)
-        self._startup = self._script(STARTUP_SH, "startup.log", {})
+        self._startup = self._script("startup-script", "startup.log", {})
 
     def booted(self) -> int | None:
         """The startup script's exit code once it has finished."""
@@ -92,8 +98,8 @@ class Vm:
         """What GCE does at a preemption: `instance/preempted` turns TRUE and the shutdown script runs
         (it has the notice to finish, less a moment for the OS to power off)."""
         self.metadata.preempt()
-        self._shutdown = self._script(SHUTDOWN_SH, "shutdown.log",
-                                      {"SPOT_SHUTDOWN_DEADLINE_S": f"{max(0.5, notice_s - 0.5):.1f}"})
+        self._shutdown = self._script("shutdown-script", "shutdown.log",
+                                      {"SPOT_SHUTDOWN_DEADLINE_S": f"{max(0.5, notice_s - 0.5):g}"})
 
     def shut_down(self) -> bool:
         """The shutdown script has returned and the training unit's processes have exited: the OS can
@@ -141,7 +147,10 @@ class Vm:
         self.metadata.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def _script(self, script: Path, log_name: str, extra: dict[str, str]) -> subprocess.Popen:
+    def _script(self, key: str, log_name: str, extra: dict[str, str]) -> subprocess.Popen:
+        """Run the script of metadata `key` as GCE's guest agent does: from a file, under bash."""
+        script = self.root / "var" / "run" / f"google.{key}"
+        script.write_text(self.spec.attributes[key])
         with open(self.logs / log_name, "ab") as log:
             return subprocess.Popen(["bash", str(script)], env={**self.env, **extra}, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.root)

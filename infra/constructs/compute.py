@@ -58,20 +58,17 @@ from constructs import Construct
 from infra import machines, vm
 from infra.constructs.iam import Identities
 from infra.constructs.network import Network
-from infra.settings import NodeSettings, Settings
+from infra.settings import Settings
 
 LOCAL_SSD_GB = 375
 
 
 @dataclass(frozen=True)
 class Role:
-    """What differs between the three kinds of node."""
+    """A kind of node (infra/vm.py's Group, shared with the local Spot cloud) and its service account."""
 
-    name: str  # spot-role: master | worker | coordinator
-    node: NodeSettings
-    spot: bool
+    group: vm.Group
     account: str  # service account email
-    checkpoint_disk_gb: int = 0
 
 
 class Compute(Construct):
@@ -80,7 +77,7 @@ class Compute(Construct):
         super().__init__(scope, id_)
         self._s, self._network = settings, network
         self._bindings = identities.bindings
-        i, t = settings.infra, settings.topology
+        i = settings.infra
         self.rdzv_address = ComputeAddress(self, "rdzv-address", name=f"{i.name}-rdzv", address_type="INTERNAL",
                                            subnetwork=network.subnet.id, region=i.region)
         self.rdzv_endpoint = f"{self.rdzv_address.address}:{settings.rdzv_port}"
@@ -90,18 +87,18 @@ class Compute(Construct):
             self, "healthz", name=f"{i.name}-healthz", **self._probe_timing(),
             http_health_check=ComputeHealthCheckHttpHealthCheck(port=settings.health_port, request_path="/healthz"))
 
+        master_group, worker_group = vm.groups(settings)
         if settings.master_trains:
-            master = Role("master", t.master, False, trainer, t.master.checkpoint_disk_gb)
+            master = Role(master_group, trainer)
             master_check = healthz
         else:
             assert identities.coordinator is not None
-            master = Role("coordinator", t.master, False, identities.coordinator.email)
+            master = Role(master_group, identities.coordinator.email)
             master_check = ComputeHealthCheck(
                 self, "rdzv-check", name=f"{i.name}-rdzv-tcp", **self._probe_timing(),
                 tcp_health_check=ComputeHealthCheckTcpHealthCheck(port=settings.rdzv_port))
         self.master_mig = self._master_group(master, master_check)
-        self.worker_mig = self._worker_group(Role("worker", t.workers, t.workers.provisioning == "SPOT", trainer),
-                                             healthz)
+        self.worker_mig = self._worker_group(Role(worker_group, trainer), healthz)
 
     def _probe_timing(self) -> dict[str, int]:
         h = self._s.infra.health_check
@@ -111,7 +108,8 @@ class Compute(Construct):
     def _template(self, role: Role) -> ComputeInstanceTemplate:
         """The one instance template shape: no external IP, Shielded VM, OS Login, GPUs as guest
         accelerators, Local SSD scratch, the job in metadata."""
-        i, node = self._s.infra, role.node
+        i, group = self._s.infra, role.group
+        node = group.node
         shape = machines.shape(node.machine_type)
         assert shape is not None  # settings.validate checked it
         disks = [ComputeInstanceTemplateDisk(boot=True, auto_delete=True, source_image=i.image.self_link,
@@ -121,23 +119,22 @@ class Compute(Construct):
             disks += [ComputeInstanceTemplateDisk(type="SCRATCH", disk_type="local-ssd", interface="NVME",
                                                   disk_size_gb=LOCAL_SSD_GB, auto_delete=True)
                       for _ in range(node.local_ssd_count)]
-        if role.checkpoint_disk_gb:
+        if group.checkpoint_disk_gb:
             disks.append(ComputeInstanceTemplateDisk(type="PERSISTENT", disk_type="pd-balanced", boot=False,
                                                      auto_delete=True, device_name=vm.PD_DEVICE,
-                                                     disk_size_gb=role.checkpoint_disk_gb))
+                                                     disk_size_gb=group.checkpoint_disk_gb))
         gpu = bool(node.gpu_count)
         return ComputeInstanceTemplate(
-            self, f"{role.name}-template", name_prefix=f"{i.name}-{role.name}-", machine_type=node.machine_type,
-            labels={"role": role.name}, disk=disks,
-            metadata=vm.metadata(self._s, role.name, node, checkpoint_disk=bool(role.checkpoint_disk_gb), **self._vm),
+            self, f"{group.role}-template", name_prefix=f"{i.name}-{group.role}-", machine_type=node.machine_type,
+            labels={"role": group.role}, disk=disks, metadata=vm.metadata(self._s, group, **self._vm),
             guest_accelerator=[ComputeInstanceTemplateGuestAccelerator(type=node.gpu_type, count=node.gpu_count)]
             if gpu else None,
             scheduling=ComputeInstanceTemplateScheduling(
-                provisioning_model="SPOT" if role.spot else "STANDARD", preemptible=role.spot,
-                automatic_restart=not role.spot,
+                provisioning_model="SPOT" if group.spot else "STANDARD", preemptible=group.spot,
+                automatic_restart=not group.spot,
                 # GPU and Spot VMs cannot live-migrate; a CPU coordinator can, and keeps the store up.
-                on_host_maintenance="TERMINATE" if role.spot or gpu else "MIGRATE",
-                instance_termination_action=i.instance_termination_action if role.spot else None),
+                on_host_maintenance="TERMINATE" if group.spot or gpu else "MIGRATE",
+                instance_termination_action=i.instance_termination_action if group.spot else None),
             network_interface=[ComputeInstanceTemplateNetworkInterface(
                 subnetwork=self._network.subnet.id, nic_type="GVNIC" if shape.gvnic else None)],
             service_account=ComputeInstanceTemplateServiceAccount(email=role.account, scopes=["cloud-platform"]),
@@ -149,9 +146,9 @@ class Compute(Construct):
         """A zonal MIG holding one named instance with the reserved internal IP. Its target size is
         left to the per-instance config, which adds the instance (terraform-provider-google#15911)."""
         i = self._s.infra
-        zone = i.zones[0]
+        zone, name = i.zones[0], vm.group_name(self._s, role.group)
         mig = ComputeInstanceGroupManager(
-            self, "master", name=f"{i.name}-{role.name}", base_instance_name=f"{i.name}-{role.name}", zone=zone,
+            self, "master", name=name, base_instance_name=name, zone=zone,
             version=[ComputeInstanceGroupManagerVersion(instance_template=self._template(role).id, name="primary")],
             target_size=0, lifecycle=TerraformResourceLifecycle(ignore_changes=["target_size"]),
             auto_healing_policies=ComputeInstanceGroupManagerAutoHealingPolicies(
@@ -163,10 +160,10 @@ class Compute(Construct):
                 default_action_on_failure="REPAIR", force_update_on_repair="YES"),
             stateful_disk=[ComputeInstanceGroupManagerStatefulDisk(
                 device_name=vm.PD_DEVICE, delete_rule="ON_PERMANENT_INSTANCE_DELETION")]
-            if role.checkpoint_disk_gb else None,
+            if role.group.checkpoint_disk_gb else None,
             wait_for_instances=False, depends_on=self._bindings)
         ComputePerInstanceConfig(
-            self, "master-instance", zone=zone, instance_group_manager=mig.name, name=f"{i.name}-{role.name}",
+            self, "master-instance", zone=zone, instance_group_manager=mig.name, name=name,
             remove_instance_on_destroy=True, depends_on=self._bindings,
             preserved_state=ComputePerInstanceConfigPreservedState(internal_ip=[
                 ComputePerInstanceConfigPreservedStateInternalIp(
@@ -176,14 +173,16 @@ class Compute(Construct):
         return mig
 
     def _worker_group(self, role: Role, check: ComputeHealthCheck) -> ComputeRegionInstanceGroupManager:
-        """A regional MIG over the worker zones that keeps topology.workers.max workers asked for."""
+        """A regional MIG over the worker zones that keeps the group's size (topology.workers.max) asked for."""
         i, w = self._s.infra, self._s.topology.workers
         zones = self._s.worker_zones()
         return ComputeRegionInstanceGroupManager(
-            self, "workers", name=f"{i.name}-workers", base_instance_name=f"{i.name}-worker", region=i.region,
+            self, "workers", name=vm.group_name(self._s, role.group), base_instance_name=f"{i.name}-worker",
+            region=i.region,
             version=[ComputeRegionInstanceGroupManagerVersion(instance_template=self._template(role).id,
                                                               name="primary")],
-            target_size=w.max, distribution_policy_zones=zones, distribution_policy_target_shape=w.distribution,
+            target_size=role.group.size, distribution_policy_zones=zones,
+            distribution_policy_target_shape=w.distribution,
             auto_healing_policies=ComputeRegionInstanceGroupManagerAutoHealingPolicies(
                 health_check=check.id, initial_delay_sec=i.health_check.initial_delay_s),
             update_policy=ComputeRegionInstanceGroupManagerUpdatePolicy(

@@ -1,11 +1,14 @@
 """Identities of the nodes, with least privilege: training nodes read and write objects of the
-checkpoint bucket only (a bucket-level binding), write logs and metrics, and read the W&B key; a
-rendezvous-only coordinator may only read the published release and its wheels. Nothing else, nowhere else."""
+checkpoint bucket only (a bucket-level binding), write logs and metrics, read the W&B key, and resize
+this deployment's two instance groups (a custom role holding that one permission, conditioned on the
+groups' names: the job's end, harness/job_end.py); a rendezvous-only coordinator may only read the
+published release and its wheels. Nothing else, nowhere else."""
 
 from __future__ import annotations
 
 from cdktf import TerraformResource
-from cdktf_cdktf_provider_google.project_iam_member import ProjectIamMember
+from cdktf_cdktf_provider_google.project_iam_custom_role import ProjectIamCustomRole
+from cdktf_cdktf_provider_google.project_iam_member import ProjectIamMember, ProjectIamMemberCondition
 from cdktf_cdktf_provider_google.secret_manager_secret import (
     SecretManagerSecret,
     SecretManagerSecretReplication,
@@ -20,6 +23,8 @@ from cdktf_cdktf_provider_google.storage_bucket_iam_member import (
 )
 from constructs import Construct
 
+from harness import job_end
+from infra import vm
 from infra.release import RELEASES, WHEELS
 from infra.settings import Settings
 
@@ -40,6 +45,7 @@ class Identities(Construct):
         self.bindings.append(StorageBucketIamMember(
             self, "trainer-objects", bucket=bucket.name, role="roles/storage.objectUser",
             member=self.member(self.trainer)))
+        self.bindings.append(self._resize_grant(settings))
         self.coordinator: ServiceAccount | None = None
         if not settings.master_trains:
             self.coordinator = self._account("coordinator", f"{i.name}-rdzv", "Rendezvous coordinator", settings)
@@ -70,6 +76,23 @@ class Identities(Construct):
                 self, f"{id_}-{role.rsplit('.', 1)[-1]}", project=settings.infra.project, role=role,
                 member=self.member(account)))
         return account
+
+    def _resize_grant(self, settings: Settings) -> ProjectIamMember:
+        """The trainers may resize the deployment's instance groups, and nothing else: no other
+        permission, no other group (matched by location and name, whatever form the project takes)."""
+        i = settings.infra
+        first, *rest = i.name.split("-")  # role ids take no '-': spot-train -> spotTrainResizeGroups
+        role_id = first + "".join(word.capitalize() for word in rest) + "ResizeGroups"
+        role = ProjectIamCustomRole(
+            self, "resize-role", project=i.project, role_id=role_id,
+            title=f"{i.name}: resize its instance groups", permissions=[job_end.RESIZE_PERMISSION],
+            description="Training VMs resize the deployment's instance groups to 0 when the job has finished")
+        groups = [path.split("/", 2)[2] for path in vm.group_paths(settings).values()]  # without projects/P/
+        return ProjectIamMember(
+            self, "trainer-resize", project=i.project, role=role.name, member=self.member(self.trainer),
+            condition=ProjectIamMemberCondition(
+                title="own-instance-groups",
+                expression=" || ".join(f'resource.name.endsWith("/{group}")' for group in groups)))
 
     @property
     def accounts(self) -> list[ServiceAccount]:

@@ -1,5 +1,6 @@
-"""The local Spot cloud: its pieces (schedule, metadata server, rendezvous store) and one short run of
-the real thing, which must end exact with no lost step."""
+"""The local Spot cloud: its pieces (schedule, metadata server, rendezvous store), the deployment it
+builds its VMs from, and short runs of the real thing on both topologies, which must end exact with no
+lost step."""
 
 from __future__ import annotations
 
@@ -19,19 +20,26 @@ import pytest
 from torch.distributed import TCPStore
 
 from harness import config
+from harness.chaos.__main__ import compose
+from harness.chaos.cloud import RELEASE, vm_specs
+from harness.chaos.differences import JOB, METADATA, differences
 from harness.chaos.metadata import FakeMetadata
 from harness.chaos.schedule import Preemption, build, explicit, exponential
 from harness.checkpoint.gcs import GCSStore
 from harness.checkpoint.manifest import Manifest, file_entry
 from harness.launch import torchrun_command
+from infra import vm as infra_vm
 from tests import runs
 from tests.gcs_emulator import FakeGCS
 
-# Two Spot workers x 1 process; seed 1728 at mtbi_s=50 preempts worker-1 6.0 s and worker-0 27.0 s after
-# the first step, then nothing before 154 s. 500 steps take at least 25 s of paced steps plus a restart,
-# so the second preemption always lands in training, and the job ends long before the third.
+# Two Spot workers x 1 process (conf/chaos/default.yaml's job); seed 1728 at mtbi_s=50 preempts worker-1
+# 6.0 s and worker-0 27.0 s after the first step, then nothing before 154 s. 500 steps take at least 25 s
+# of paced steps plus a restart, so the second preemption always lands in training, and the job ends long
+# before the third.
 SHORT_RUN = ["chaos.mtbi_s=50", "chaos.seed=1728", "chaos.notice_s=6", "chaos.recreate_s=2",
              "chaos.max_duration_s=240", "train.max_steps=500"]
+# What the local cloud may never change: what the job launches, restarts, reports health and saves by.
+UNTOUCHABLE = ("launch", "health", "checkpoint", "elastic")
 
 
 def test_schedule_is_seeded_per_vm_and_explicit_lists_override_it():
@@ -49,11 +57,12 @@ def test_schedule_is_seeded_per_vm_and_explicit_lists_override_it():
 def test_schedule_from_config_prefers_the_explicit_list():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"topology": {"workers": 2}, "mtbi_s": 50, "seed": 1728, "max_duration_s": 300,
+    cfg = OmegaConf.create({"mtbi_s": 50, "seed": 1728, "max_duration_s": 300,
                             "preemptions": [{"vm": 0, "at_s": 5}]})
-    assert build(cfg) == [Preemption(5, 0)]
+    assert build(cfg, 2) == [Preemption(5, 0)]
     cfg.preemptions = None
-    assert build(cfg) == exponential(2, 50, 300, 1728)
+    assert build(cfg, 2) == exponential(2, 50, 300, 1728)
+    assert build(cfg, 0) == [], "a topology without Spot VMs is never preempted"
 
 
 def get(host: str, path: str, flavor: bool = True, timeout: float = 5) -> tuple[int, str, str]:
@@ -104,28 +113,100 @@ def test_rendezvous_store_serves_clients_until_sigterm(tmp_path: Path):
         proc.kill()
 
 
-@pytest.mark.slow
-def test_short_chaos_run_is_exact_and_loses_no_step(tmp_path: Path):
-    """Two Spot workers preempted twice (each VM once) with a notice longer than the emergency save:
-    both recreated, the model equals the uninterrupted reference, and no step is computed twice."""
-    out = tmp_path / "chaos"
-    proc = subprocess.run([sys.executable, "-m", "harness.chaos", *SHORT_RUN, "chaos.name=short",
-                           f"chaos.out_dir={out}"], cwd=runs.REPO, env=runs.env(), capture_output=True, text=True,
-                          timeout=330)
+@pytest.mark.parametrize("topology", ["hybrid", "all_spot"])
+def test_each_vm_gets_the_deployments_metadata_changed_only_as_listed(topology: str, tmp_path: Path):
+    """The local cloud's VMs are the deployment's groups with infra/vm.py's metadata; every attribute
+    that differs is in the one list, and no launch, restart, health or checkpoint setting does."""
+    job, cfg, settings = compose([f"topology={topology}"])
+    found = differences(cfg, settings)
+    listed = {d.key for d in found}
+    assert not [d.key for d in found if d.kind == JOB and d.key.split(".")[0] in UNTOUCHABLE]
+    specs = vm_specs(settings, found, "127.0.0.1:4000", tmp_path)
+    master, workers = infra_vm.groups(settings)
+    assert [(s.name, s.role, s.spot) for s in specs] == [
+        (master.role, master.role, False), ("worker-0", "worker", True), ("worker-1", "worker", True)]
+    scripts = infra_vm.startup_scripts(settings)
+    for spec, group in zip(specs, [master, workers, workers], strict=True):
+        deployed = {**scripts, **infra_vm.attributes(settings, group, rdzv_endpoint="127.0.0.1:4000",
+                                                     bucket=settings.infra.bucket.name, release=RELEASE)}
+        assert spec.attributes.keys() == deployed.keys()
+        changed = {k for k in deployed if spec.attributes[k] != deployed[k]}
+        assert changed <= listed | {"spot-hydra-overrides", "spot-pd-device"}, spec.name
+        assert {d.key: d.local for d in found if d.kind == METADATA}.items() <= spec.attributes.items()
+        if group.role == "coordinator":
+            continue
+        local, deploy = spec.attributes["spot-hydra-overrides"].split(), deployed["spot-hydra-overrides"].split()
+        assert local[:len(deploy)] == deploy and {o.split("=")[0] for o in local[len(deploy):]} <= listed
+        ours, theirs = config.load(local), config.load(deploy)
+        for section in UNTOUCHABLE:
+            assert ours[section] == theirs[section], f"{spec.name}: {section} differs from the deployment"
+        assert ours.launch.rdzv_conf == ("is_host=true" if group.role == "master" else "is_host=false")
+    if topology == "hybrid":
+        assert specs[0].attributes["spot-pd-device"].startswith(str(tmp_path / "master" / "dev"))
+        assert "google-checkpoint-pd" in specs[0].disks
+
+
+def run_chaos(out: Path, *overrides: str) -> tuple[dict, str]:
+    """`make chaos` with these overrides, into `out`; its report and (for failures) a context string."""
+    proc = subprocess.run([sys.executable, "-m", "harness.chaos", *SHORT_RUN, *overrides, f"chaos.out_dir={out}"],
+                          cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=330)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert str(out / "chaos_report.json") in proc.stdout
     report = json.loads((out / "chaos_report.json").read_text())
-    context = json.dumps({k: report[k] for k in ("events", "observer", "ledger", "goodput")}, indent=1)
+    return report, json.dumps({k: report[k] for k in ("events", "vms", "observer", "ledger")}, indent=1)
+
+
+def assert_finished_and_rejoined(report: dict, context: str, world_size: int) -> dict[str, dict]:
+    """Finished at the full size, no step lost or repeated, every recreated worker back in (the world
+    size never changed, so the job could not train without it)."""
     assert report["finished"] and report["final_step"] == 500, context
-    assert report["preemptions"] >= 2 and report["recreates"] >= 1, context
-    assert report["exact"] is True, context
     assert report["lost_steps"] == 0 and report["repeated_samples"] == 0, context
     # A preemption can land while the job is still restarting from the previous one: >= 1 restart.
-    assert report["world_sizes"] == [2] and report["restarts"] >= 1, context
-    assert 0 < report["goodput"]["goodput"] < 1
+    assert report["world_sizes"] == [world_size] and report["restarts"] >= 1, context
+    vms = {vm["name"]: vm for vm in report["vms"]}
+    workers = [vm for vm in vms.values() if vm["role"] == "worker"]
+    assert all(vm["provisioning"] == "SPOT" for vm in workers), context
+    assert sum(vm["preemptions"] for vm in workers) >= 2 and all(vm["boots"] >= 2 for vm in workers), context
+    assert all(vm["unit_exits"][-1:] == [0] for vm in workers), context  # each trained to the end
+    assert [d["key"] for d in report["differences_from_deploy"]] and report["topology"]["world_size"] == world_size
     # The ledger (what W&B and Monitoring see) and the local cloud's own observer tell the same story.
     assert abs(report["ledger"]["goodput"] - report["observer"]["goodput"]) < 0.05, context
+    return vms
+
+
+@pytest.mark.slow
+def test_short_chaos_run_is_exact_and_loses_no_step(tmp_path: Path):
+    """`make chaos ARGS="topology=hybrid"`, shortened: the on-demand master trains and hosts the
+    store, the two Spot workers are preempted (each once) with a notice longer than the emergency save
+    and recreated; the master never stops (one boot, no 75 from its unit), the recreated workers
+    rejoin, the model equals the uninterrupted reference, and no step is computed twice."""
+    out = tmp_path / "chaos"
+    report, context = run_chaos(out, "topology=hybrid", "chaos.name=hybrid")
+    assert report["topology"]["name"] == "hybrid"
+    vms = assert_finished_and_rejoined(report, context, world_size=3)
+    master = vms["master"]
+    assert (master["role"], master["provisioning"], master["boots"]) == ("master", "STANDARD", 1), context
+    assert master["preemptions"] == 0 and 75 not in master["unit_exits"], context
+    assert 0 < report["goodput"]["goodput"] < 1
     assert (out / "chaos_timeline.png").stat().st_size > 10_000
-    assert str(out / "chaos_report.json") in proc.stdout
+    assert report["exact"] is True, context
+
+
+@pytest.mark.slow
+def test_all_spot_run_survives_a_preemption_of_the_node_holding_rank_0(tmp_path: Path):
+    """`make chaos ARGS="topology=all_spot"`, shortened: the coordinator hosts the store, worker-0
+    (global rank 0 from the first round) is preempted first, worker-1 after; both come back, the job
+    ends exact, and the coordinator never restarts."""
+    out = tmp_path / "chaos"
+    report, context = run_chaos(out, "topology=all_spot", "chaos.name=all-spot",
+                                "chaos.preemptions=[{vm:0,at_s:6},{vm:1,at_s:27}]")
+    assert report["topology"]["name"] == "all_spot"
+    vms = assert_finished_and_rejoined(report, context, world_size=2)
+    assert report["exact"] is True, context
+    assert sum(vm["rank0_preemptions"] for vm in vms.values()) >= 1, context
+    coordinator = vms["coordinator"]
+    assert (coordinator["provisioning"], coordinator["boots"], coordinator["unit_exits"]) == ("STANDARD", 1, []), \
+        context
 
 
 def test_a_multi_node_checkpoint_commits_in_the_bucket_once_every_node_share_is_there(tmp_path: Path,

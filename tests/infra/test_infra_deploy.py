@@ -1,6 +1,7 @@
 """`make deploy | plan | destroy` against a stub `terraform` that records its calls and a stub `gcloud`
 that answers the prerequisite checks (there is no GCP here: stubs on PATH are how `make deploy` is
-tested), with the release published to fake-gcs-server.
+tested), with the release published to fake-gcs-server and the Compute API's resize calls recorded by a
+local HTTP server (tests/fake_compute.py: there is no Compute emulator).
 
 The deploys here run as for an image that brings torch (`infra.image.torch=2.13.0
 infra.wheelhouse.torch=false`): the CUDA build of torch and its CUDA libraries are gigabytes, so the
@@ -12,13 +13,17 @@ import hashlib
 import json
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 
+from harness import job_end
+from harness.checkpoint.gcs import GCSStore
 from infra import release
 from infra.__main__ import main
 from infra.settings import REPO
+from tests.fake_compute import FakeCompute
 from tests.infra.conftest import PROJECT
 
 # Each call also records whether the release's manifest is in the bucket at that moment.
@@ -47,9 +52,13 @@ else:
 TORCH_IN_IMAGE = ("infra.image.torch=2.13.0", "infra.wheelhouse.torch=false")
 
 
+MASTER_GROUP = f"projects/{PROJECT}/zones/us-central1-a/instanceGroupManagers/spot-train-master"
+
+
 @pytest.fixture
 def cli(tmp_path: Path, startup_dir: Path, wheelhouse_cache: Path, monkeypatch: pytest.MonkeyPatch):
-    """Run `python -m infra` in-process with stub terraform and gcloud first on PATH and credentials present."""
+    """Run `python -m infra` in-process with stub terraform and gcloud first on PATH, credentials present
+    and the Compute API's resize recorded (`cli.compute`)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("terraform", STUB), ("gcloud", GCLOUD)):
@@ -64,6 +73,8 @@ def cli(tmp_path: Path, startup_dir: Path, wheelhouse_cache: Path, monkeypatch: 
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("STUB_LOG", str(log))
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    compute = FakeCompute()
+    monkeypatch.setenv(job_end.ENDPOINT_ENV, compute.endpoint)
     outdir = tmp_path / "out"
 
     def run(command: str, *args: str) -> tuple[int, list[tuple[str, str]]]:
@@ -74,7 +85,9 @@ def cli(tmp_path: Path, startup_dir: Path, wheelhouse_cache: Path, monkeypatch: 
 
     run.stack_dir = outdir / "stacks" / "spot-train"  # type: ignore[attr-defined]
     run.bin_dir = bin_dir  # type: ignore[attr-defined]
-    return run
+    run.compute = compute  # type: ignore[attr-defined]
+    yield run
+    compute.close()
 
 
 def test_deploy_publishes_the_release_between_the_foundation_and_the_instance_groups(cli, fake_gcs):
@@ -118,11 +131,34 @@ def test_deploy_publishes_the_release_between_the_foundation_and_the_instance_gr
     # The VMs are told to install exactly this release.
     template = tf["resource"]["google_compute_instance_template"]
     assert {t["metadata"]["spot-release"] for t in template.values()} == {version}
+    # The master's group (its size is not Terraform's) is asked for its one VM after the apply.
+    assert cli.compute.calls == [(MASTER_GROUP.replace("spot-train-master", "spot-train-coordinator"), 1)]
 
     # A second deploy uploads no wheel again.
     generations = {b.name: b.generation for b in bucket.list_blobs(prefix="wheels/")}
     assert cli("deploy", "topology=all_spot", *TORCH_IN_IMAGE)[0] == 0
     assert {b.name: b.generation for b in bucket.list_blobs(prefix="wheels/")} == generations
+
+
+def test_a_finished_run_is_not_deployed_again_unless_asked(cli, fake_gcs, capsys):
+    fake_gcs.make_bucket(f"{PROJECT}-spot-ckpt")
+    run = f"done-{uuid.uuid4().hex[:8]}"
+    store = GCSStore(f"gs://{PROJECT}-spot-ckpt/runs/{run}/checkpoints")
+    job_end.record(store, 500, "ab" * 32)
+    rc, calls = cli("deploy", f"run.name={run}", *TORCH_IN_IMAGE)
+    assert rc == 2 and not calls and not cli.stack_dir.exists(), "refused before building anything"
+    err = capsys.readouterr().err
+    assert f"run.name={run!r} finished at step 500" in err and "--resume-finished" in err
+    assert job_end.read(store) is not None
+
+    rc, calls = cli("deploy", f"run.name={run}-2", *TORCH_IN_IMAGE)
+    assert rc == 0 and calls, "another run name deploys"
+    rc, calls = cli("deploy", f"run.name={run}", "--resume-finished", *TORCH_IN_IMAGE)
+    assert rc == 0 and calls[-1][1] == "apply -input=false tfplan"
+    assert f"--resume-finished: removed gs://{PROJECT}-spot-ckpt/runs/{run}/checkpoints/finished.json" in \
+        capsys.readouterr().out
+    assert job_end.read(store) is None, "the VMs of the run train again"
+    assert cli.compute.calls == [(MASTER_GROUP, 1)] * 2, "the master's group is back to one VM"
 
 
 def test_a_missing_project_stops_the_deploy_before_anything(cli, monkeypatch, capsys):

@@ -227,7 +227,7 @@ def test_without_local_ssds_the_run_stays_on_the_boot_disk(vm: Vm):
 
 def test_coordinator_runs_only_the_rendezvous_store(vm: Vm):
     vm.metadata.attributes["spot-role"] = "coordinator"
-    for key in ("spot-run-id", "spot-nnodes", "spot-nproc-per-node"):
+    for key in ("spot-nnodes", "spot-nproc-per-node"):  # the run id stays: it reopens that rendezvous
         del vm.metadata.attributes[key]
     vm.add_ssds(2)
 
@@ -240,6 +240,8 @@ def test_coordinator_runs_only_the_rendezvous_store(vm: Vm):
         "harness.rendezvous",
         "--port",
         "29400",
+        "--run-id",
+        "run-42",
     ]
     assert not vm.path("/etc/systemd/system/spot-train.service").exists()
     assert vm.calls("mdadm") == [] and vm.calls("mkfs.ext4") == [] and vm.calls("mount") == []
@@ -512,7 +514,7 @@ def test_preflight_with_the_wrong_python_fails_naming_both(vm: Vm):
 
 def test_preflight_when_torch_cannot_be_imported(vm: Vm):
     vm.metadata.attributes["spot-role"] = "coordinator"
-    for key in ("spot-run-id", "spot-nnodes", "spot-nproc-per-node"):
+    for key in ("spot-nnodes", "spot-nproc-per-node"):
         del vm.metadata.attributes[key]
     result = vm.startup(STUB_NO_TORCH="1")
     assert result.returncode == 1
