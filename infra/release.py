@@ -85,8 +85,9 @@ def _target(image: ImageSettings) -> list[str]:
     return args
 
 
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args, "--quiet", "--disable-pip-version-check"], check=True)
+def _pip(*args: str, quiet: bool = False) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args, "--quiet", "--disable-pip-version-check"], check=True,
+                   stderr=subprocess.DEVNULL if quiet else None)
 
 
 def _sdists(requirements: Path) -> list[str]:
@@ -100,7 +101,7 @@ def _sdists(requirements: Path) -> list[str]:
             if not i["download_info"]["url"].endswith(".whl")]
 
 
-def resolve(settings: Settings, wheelhouse: Path, requirements: Path) -> list[Path]:
+def resolve(settings: Settings, wheelhouse: Path, requirements: Path, quiet: bool = False) -> list[Path]:
     """The wheels a clean install of `requirements` picks from `wheelhouse` alone (`--no-index`) for the
     image's Python and platform; CalledProcessError when one is missing. This is the wheelhouse's
     completeness check and the list of what a release carries. (`pip install` checks Requires-Python
@@ -111,7 +112,7 @@ def resolve(settings: Settings, wheelhouse: Path, requirements: Path) -> list[Pa
         _pip("install", "--dry-run", "--ignore-installed", "--ignore-requires-python", "--no-index",
              "--find-links", str(wheelhouse),
              "--target", str(Path(tmp) / "target"), *_target(settings.infra.image), "--report", str(report),
-             "-r", str(requirements), f"{PIP}=={importlib.metadata.version(PIP)}")
+             "-r", str(requirements), f"{PIP}=={importlib.metadata.version(PIP)}", quiet=quiet)
         found = json.loads(report.read_text())["install"]
     return sorted(Path(i["download_info"]["url"].removeprefix("file://")) for i in found)
 
@@ -125,6 +126,10 @@ def build_wheelhouse(settings: Settings) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="spot-wheelhouse-") as tmp:
         requirements = Path(tmp) / "requirements.txt"
         requirements.write_text("\n".join(runtime_requirements(settings)) + "\n")
+        try:  # a cache that an earlier deploy filled: no package index needed (a slow index delays nothing)
+            return resolve(settings, cache, requirements, quiet=True)
+        except subprocess.CalledProcessError:
+            pass
         if sdists := _sdists(requirements):
             _pip("wheel", "--no-deps", "--wheel-dir", str(cache), *sdists)
         _pip("download", "--dest", str(cache), "--find-links", str(cache), *_target(image), "-r", str(requirements),
