@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests import runs
-from tests.gcs_emulator import fake_gcs  # noqa: F401 - a session fixture for every test module
+from tests.gcs_emulator import fake_gcs, shared_fake_gcs  # noqa: F401 - fixtures for every test module
 
 
 @pytest.fixture(scope="session")

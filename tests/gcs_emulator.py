@@ -52,8 +52,17 @@ def running_fake_gcs(port: int | None = None, set_env: bool = True) -> Iterator[
 
 
 @pytest.fixture(scope="session")
-def fake_gcs() -> Iterator[FakeGCS]:
-    """One emulator for the whole test session, with STORAGE_EMULATOR_HOST set. Shared: use a fresh
-    bucket or prefix per test, and never stop or restart it (use running_fake_gcs() for that)."""
+def shared_fake_gcs() -> Iterator[FakeGCS]:
     with running_fake_gcs() as server:
         yield server
+
+
+@pytest.fixture
+def fake_gcs(shared_fake_gcs: FakeGCS, monkeypatch: pytest.MonkeyPatch) -> FakeGCS:
+    """One emulator for the whole test session, alive and named by STORAGE_EMULATOR_HOST for each test
+    (a server that died meanwhile is restarted: its objects are gone, which no test relies on). Shared:
+    use a fresh bucket or prefix per test, and never stop or restart it (use running_fake_gcs() for that)."""
+    if shared_fake_gcs._proc is None or shared_fake_gcs._proc.poll() is not None:
+        shared_fake_gcs.restart()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", shared_fake_gcs.host)
+    return shared_fake_gcs

@@ -20,6 +20,35 @@ from tests.gcs_emulator import running_fake_gcs
 from tests.test_preemption import CONFIG
 
 
+class TwoNodes:
+    """Two "VMs" on this machine, each with its own run dir (its own disks) and log, started as their
+    units start them; `preempt` is systemd stopping the unit on the preempted one."""
+
+    def __init__(self, tmp_path, common: list[str]):
+        self.common = common
+        self.dirs = {n: tmp_path / n for n in ("survivor", "preempted")}
+        self.logs = {n: tmp_path / f"{n}.log" for n in self.dirs}
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, name: str) -> subprocess.Popen:
+        proc = runs.start_launcher(1, [*self.common, f"run.dir={self.dirs[name]}"], self.logs[name])
+        self.started.append(proc)
+        return proc
+
+    def preempt_after(self, step: int, preempted: subprocess.Popen) -> None:
+        runs.wait_for(lambda: any(runs.logged_step(log, step) for log in self.logs.values()), timeout=180,
+                      what=f"training past step {step} at two nodes")
+        os.kill(preempted.pid, signal.SIGTERM)
+        assert preempted.wait(timeout=60) == PREEMPTED_EXIT_CODE, runs.tail(self.logs["preempted"])
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text()
+
+    def kill(self) -> None:
+        for proc in self.started:
+            runs.kill_tree(proc.pid)
+
+
 @pytest.mark.parametrize("store_host", ["agent", "coordinator"])
 def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_path, reference_sha, store_host):
     """store_host=agent: a training node's agent hosts the c10d store (the hybrid master); coordinator:
@@ -33,35 +62,26 @@ def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_p
                                        stdout=open(tmp_path / "coordinator.log", "ab"), stderr=subprocess.STDOUT)
     with running_fake_gcs() as gcs:
         gcs.make_bucket("two-nodes")
-        common = [*CONFIG, "run.name=two-nodes", "checkpoint.store=gs://two-nodes/job", "launch.standalone=false",
-                  "launch.nnodes=2", f"launch.rdzv_endpoint=127.0.0.1:{port}",
-                  *(["launch.rdzv_conf='is_host=False'"] if coordinator else [])]
-        dirs = {n: tmp_path / n for n in ("survivor", "preempted")}
-        logs = {n: tmp_path / f"{n}.log" for n in dirs}
-
-        def node(name: str):
-            return runs.start_launcher(1, [*common, f"run.dir={dirs[name]}"], logs[name])
-
-        survivor, preempted = node("survivor"), node("preempted")
-        started = [survivor, preempted]
+        nodes = TwoNodes(tmp_path, [*CONFIG, "run.name=two-nodes", "checkpoint.store=gs://two-nodes/job",
+                                    "launch.standalone=false", "launch.nnodes=2",
+                                    f"launch.rdzv_endpoint=127.0.0.1:{port}",
+                                    *(["launch.rdzv_conf='is_host=False'"] if coordinator else [])])
+        survivor, preempted = nodes.start("survivor"), nodes.start("preempted")
         try:
-            runs.wait_for(lambda: any(runs.logged_step(log, 25) for log in logs.values()), timeout=180,
-                          what="training past a checkpoint")
-            os.kill(preempted.pid, signal.SIGTERM)  # systemd stopping the unit on the preempted VM
-            assert preempted.wait(timeout=60) == PREEMPTED_EXIT_CODE, runs.tail(logs["preempted"])
-            marker = json.loads((dirs["preempted"] / "PREEMPTED").read_text())
+            nodes.preempt_after(25, preempted)
+            marker = json.loads((nodes.dirs["preempted"] / "PREEMPTED").read_text())
             assert marker["ok"] is True and marker["tier"] == "gs" and marker["preempted_nodes"]
-            runs.wait_for(lambda: "back to rendezvous" in logs["survivor"].read_text(), timeout=60,
+            runs.wait_for(lambda: "back to rendezvous" in nodes.log("survivor"), timeout=60,
                           what="the survivor going back to rendezvous")
-            assert survivor.poll() is None, "the survivor stopped: " + runs.tail(logs["survivor"])
-            assert not (dirs["survivor"] / "PREEMPTED").exists(), "a marker on a node that got no notice"
-            recreated = node("preempted")
-            started.append(recreated)
-            assert recreated.wait(timeout=240) == 0, runs.tail(logs["preempted"])
-            assert survivor.wait(timeout=60) == 0, runs.tail(logs["survivor"])
+            assert survivor.poll() is None, "the survivor stopped: " + nodes.log("survivor")[-3000:]
+            assert not (nodes.dirs["survivor"] / "PREEMPTED").exists(), "a marker on a node that got no notice"
+            assert nodes.start("preempted").wait(timeout=240) == 0, nodes.log("preempted")[-3000:]
+            assert survivor.wait(timeout=60) == 0, nodes.log("survivor")[-3000:]
         finally:
-            for proc in [*started, *([coordinator] if coordinator else [])]:
-                runs.kill_tree(proc.pid)
+            nodes.kill()
+            if coordinator:
+                runs.kill_tree(coordinator.pid)
+    dirs = nodes.dirs
     for d in dirs.values():  # each node's local tier holds its share under a manifest of its own
         share = LocalStore(str(d / "staging"))
         for step in share.committed_steps():
@@ -76,33 +96,22 @@ def test_shrink_trains_on_while_the_preempted_node_is_down_and_grows_back(tmp_pa
     grows the job again when the recreated node joins; every sample is consumed exactly once."""
     config = ["train.max_steps=600", "checkpoint.interval_steps=20", "train.audit_samples=true",
               "elastic.on_preemption=shrink", "launch.nnodes=1:2", "launch.rdzv_conf='last_call_timeout=2'"]
-    dirs = {n: tmp_path / n for n in ("survivor", "preempted")}
-    logs = {n: tmp_path / f"{n}.log" for n in dirs}
     with running_fake_gcs() as gcs:
         gcs.make_bucket("shrink")
-        common = [*config, "run.name=shrink", "checkpoint.store=gs://shrink/job", "launch.standalone=false",
-                  f"launch.rdzv_endpoint=127.0.0.1:{runs.free_port()}"]
-
-        def node(name: str):
-            return runs.start_launcher(1, [*common, f"run.dir={dirs[name]}"], logs[name])
-
-        survivor, preempted = node("survivor"), node("preempted")
-        started = [survivor, preempted]
+        nodes = TwoNodes(tmp_path, [*config, "run.name=shrink", "checkpoint.store=gs://shrink/job",
+                                    "launch.standalone=false", f"launch.rdzv_endpoint=127.0.0.1:{runs.free_port()}"])
+        survivor, preempted = nodes.start("survivor"), nodes.start("preempted")
         try:
-            runs.wait_for(lambda: any(runs.logged_step(log, 40) for log in logs.values()), timeout=180,
-                          what="training at two nodes")
-            os.kill(preempted.pid, signal.SIGTERM)
-            assert preempted.wait(timeout=60) == PREEMPTED_EXIT_CODE, runs.tail(logs["preempted"])
-            runs.wait_for(lambda: "at world size 1" in logs["survivor"].read_text(), timeout=120,
+            nodes.preempt_after(40, preempted)
+            runs.wait_for(lambda: "at world size 1" in nodes.log("survivor"), timeout=120,
                           what="the survivor training alone")
             assert survivor.poll() is None
-            recreated = node("preempted")
-            started.append(recreated)
-            assert survivor.wait(timeout=240) == 0, runs.tail(logs["survivor"])
-            assert recreated.wait(timeout=60) == 0, runs.tail(logs["preempted"])
+            recreated = nodes.start("preempted")
+            assert survivor.wait(timeout=240) == 0, nodes.log("survivor")[-3000:]
+            assert recreated.wait(timeout=60) == 0, nodes.log("preempted")[-3000:]
         finally:
-            for proc in started:
-                runs.kill_tree(proc.pid)
+            nodes.kill()
+    dirs = nodes.dirs
     (summary,) = [json.loads(p.read_text()) for d in dirs.values() if (p := d / "summary.json").exists()]
     assert summary["final_step"] == 600 and {1, 2} <= set(summary["world_sizes"]), summary["world_sizes"]
     consumed = []
