@@ -8,7 +8,7 @@ ARGS ?=
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lint test train checkpoints goodput cost-plan chaos bench-checkpoint bench-preemption bench-goodput
+.PHONY: setup lint test train checkpoints goodput cost-plan chaos bench-checkpoint bench-preemption bench-goodput bench-chaos-dense
 
 setup: $(STAMP)
 
@@ -42,11 +42,25 @@ cost-plan: setup
 chaos: setup
 	$(PY) -m harness.chaos $(ARGS)
 
+# Sweeps (harness/sweep/): `make sweep ARGS="optim.lr=1e-3,3e-4 model.n_layer=2,4 [sweep.parallel=2]
+# [sweep.on=chaos]"` runs every job here and writes runs/<sweep>/sweep.json; the same ARGS again skip the
+# finished jobs and resume the others. On GCP: `make deploy ARGS="--multirun infra.project=... <sweeps>"`,
+# then `make sweep-status ARGS="sweep.on=gcp <the same overrides>"` reads the jobs' state from the bucket.
+.PHONY: sweep sweep-status
+sweep: setup
+	$(PY) -m harness.sweep $(ARGS)
+
+sweep-status: setup
+	$(PY) -m harness.sweep --status $(ARGS)
+
 bench-goodput: setup
 	$(PY) -m bench.goodput $(ARGS)
 
+bench-chaos-dense: setup
+	$(PY) -m bench.chaos_dense $(ARGS)
+
 bench-checkpoint: setup
-	$(PY) -m bench.checkpoint --sizes 0.1 1 4
+	$(PY) -m bench.checkpoint --sizes 0.1 1 4 --sharded-gb 1
 
 bench-preemption: setup
 	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone \
@@ -59,10 +73,15 @@ bench-preemption: setup
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: synth plan deploy destroy cost-per-hour .venv-checkov
+.PHONY: synth plan deploy destroy logs cost-per-hour .venv-checkov
 
 synth plan deploy destroy: setup
 	$(PY) -m infra $@ $(ARGS)
+
+# A run's log from Cloud Logging, every VM and incarnation, oldest first (infra/logs.py): `make logs
+# ARGS="run.name=exp1 infra.project=my-proj [--freshness=6h] [--limit=200] [--role=worker] [--vm=NAME]"`.
+logs: setup
+	$(PY) -m infra logs $(ARGS)
 
 cost-per-hour: setup
 	$(PY) -m infra cost $(ARGS)

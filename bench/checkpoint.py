@@ -10,7 +10,9 @@ nn.Linear layers plus AdamW's exp_avg and exp_avg_sq after one step), one run me
   (e) memcpy     copy of the same tensors into warm preallocated buffers (pinned D2H on cuda), best of 3
   (f) raw write  the same bytes written by N threads to N files + fsync, best of 2
 
-and writes bench/results/checkpoint.json with the ratios b/a, b/e, c/f against the targets.
+and writes bench/results/checkpoint.json with the ratios b/a, b/e, c/f against the targets. With
+`--sharded-gb X` it also runs the world-size-2 rows (bench/checkpoint_sharded.py under torchrun): DDP and
+FSDP at the same state size, per rank (pause, snapshot bytes, bytes written, commit).
 
     python -m bench.checkpoint --sizes 0.1 1 4 [--device cpu|cuda] [--dir /mnt/disk/tmp]
 
@@ -26,6 +28,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -426,6 +429,10 @@ def print_table(result: dict[str, Any]) -> None:
         )
     console = Console(width=220)
     console.print(table)
+    for r in result.get("sharded", []):
+        console.print(f"world size 2, {r['parallelism']}: {r['state_bytes'] / GB:.2f} GB state; per rank: pause "
+                      f"{r['pause_s']:.3f} s, snapshot {r['snapshot_share']:.2f} of the state, written "
+                      f"{r['written_share']:.2f}; commit {r['commit_s']:.2f} s")
     console.print("seconds, best of N; [2nd] = the second save alone, [1st] = the first save (allocates the buffers); "
                   "(d) reads a warm page cache. Diagnostics:")
     for r in result["sizes"]:
@@ -438,6 +445,23 @@ def print_table(result: dict[str, Any]) -> None:
                       f"{'; ' + r['note'] if r['note'] else ''}")
 
 
+def sharded_row(gb: float, strategy: str, root: Path) -> dict[str, Any]:
+    """One world-size-2 row: bench/checkpoint_sharded.py under torchrun, its `sharded:` line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "bench.checkpoint_sharded", "--gb", str(gb), "--parallelism", strategy, "--dir", str(root / "sharded")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("sharded: ")), None)
+    if line is None:
+        raise RuntimeError(f"the {strategy} row failed (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    shutil.rmtree(root / "sharded", ignore_errors=True)
+    row = json.loads(line.removeprefix("sharded: "))
+    row["snapshot_share"] = max(row["snapshot_bytes_per_rank"]) / row["state_bytes"]
+    row["written_share"] = max(row["written_bytes_per_rank"]) / row["state_bytes"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 1.0, 4.0], help="state sizes in GB (1e9 B)")
@@ -447,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="engine write_threads and raw-write threads")
     parser.add_argument("--repeats", type=int, default=3, help="saves after the first (and (e)/(f) samples)")
     parser.add_argument("--mem-budget-gb", type=float, default=16.0, help="peak host memory to stay under")
+    parser.add_argument("--sharded-gb", type=float, default=0.0, help="state size of the DDP/FSDP rows at world "
+                        "size 2 (0: skip them)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -487,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for gb in args.sizes:
             result["sizes"].append(bench_size(gb, args, device, root, budget))
+        if args.sharded_gb:
+            result["sharded"] = [sharded_row(args.sharded_gb, strategy, root) for strategy in ("ddp", "fsdp")]
         result["wall_s"] = time.time() - started
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -5,13 +5,15 @@
 (a) baseline  `harness.chaos.baseline` on the local Spot cloud: synchronous torch.save from rank 0 to the
               local SSD every `chaos.baseline.interval_steps`, every `gcs_every`-th save uploaded, no
               emergency save, restart from a surviving local file else from the bucket.
-(b) harness   `harness.train` on the same cloud, job and seeded preemption schedule.
+(b) harness   `harness.train` on the same cloud, job and seeded preemption schedule, twice:
+              `elastic.on_preemption=wait` (the default: the job waits for the recreated VM and stays
+              bit-exact) and `shrink` (the survivors train on, the job grows back when the VM returns).
 (c) Young/Daly the analytical optimum of periodic checkpointing without a notice: durable checkpoints
               every sqrt(2 C M) seconds, C = the baseline's measured durable save (torch.save + upload),
               restart cost = the baseline's measured restart gaps, t = the measured step time. Given
               twice: replayed on the same preemption times, and in expectation for Poisson
               interruptions at the nominal MTBI (harness.plan's model).
-The two clouds run side by side (the paced job leaves the CPU mostly idle; --sequential runs them one
+The three clouds run side by side (the paced job leaves the CPU mostly idle; --sequential runs them one
 after the other). Goodput is the chaos observer's for both (the same definition; the baseline keeps no
 ledger): steps kept x step time / wall time from the first VM boot to the job's summary.
 Writes bench/results/goodput.json and prints a table.
@@ -39,16 +41,21 @@ OUT = REPO / "runs" / "bench-goodput"
 # The schedule and job of the comparison, on a compressed clock: 1 s here stands for about 24 s on GCP.
 # A Spot A100 VM's MTBI of 6 h (guide 001: 4-8 h) -> 900 s per VM; the guides' cadence "local SSD every
 # 10 min, GCS every 2 h" -> a local save every 230 steps (~25-30 s), every 12th also uploaded. The 30 s
-# notice and the 1-2 min recreate are not compressed as much (8 s, 2 s): processes here start no faster
-# than on a VM. Seed 191 preempts worker-0 (global rank 0) 154 s after the first step, and nothing else
-# for 910 s: one preemption in a run of ~4 compressed hours, the most likely count at a 6 h MTBI per VM.
+# notice is not compressed as much (8 s): processes here start no faster than on a VM. A Spot GPU VM
+# takes a few minutes to come back (the MIG's recreate, boot, GPU driver, release install: 2-4 min,
+# guide 001's measurements and the DLVM boot times in ../shared/reference/) -> 7 s here, the middle of
+# the 5-10 s that 2-4 min compress to at 24x. Seed 191 preempts worker-0 (global rank 0) 154 s after the
+# first step, and nothing else for 910 s: one preemption in a run of ~4 compressed hours, the most likely
+# count at a 6 h MTBI per VM.
 SETTINGS = [
     "topology=all_spot",  # 2 Spot workers (conf/chaos/default.yaml's job) + the coordinator
-    "chaos.mtbi_s=900", "chaos.seed=191", "chaos.notice_s=8", "chaos.recreate_s=2", "chaos.max_duration_s=1500",
+    "chaos.mtbi_s=900", "chaos.seed=191", "chaos.notice_s=8", "chaos.recreate_s=7", "chaos.max_duration_s=1500",
     "chaos.baseline.interval_steps=230", "chaos.baseline.gcs_every=12", "telemetry.ledger_flush_s=1",
     "model.pace_s=0.1", "model.n_layer=2", "model.n_embd=64", "train.max_steps=4200", "train.log_interval=500",
 ]
-RUNS = {"baseline": "harness.chaos.baseline", "harness": "harness.train"}
+# name -> (trainer, the run's own overrides); shrink may go on with one worker of the two.
+RUNS = {"baseline": ("harness.chaos.baseline", []), "harness": ("harness.train", []),
+        "shrink": ("harness.train", ["elastic.on_preemption=shrink", "topology.workers.min=1"])}
 SAVE = re.compile(r"baseline: (save|upload) step (\d+) (?:local|gcs) ([\d.]+)s")
 RESTORE = re.compile(r"baseline: restore step (\d+) from (local|gcs) ([\d.]+)s")
 
@@ -67,10 +74,10 @@ def setting(overrides: list[str], key: str) -> str:
 def run_all(overrides: list[str], sequential: bool) -> dict[str, dict]:
     OUT.mkdir(parents=True, exist_ok=True)
     procs = {}
-    for name, module in RUNS.items():
+    for name, (module, own) in RUNS.items():
         log = open(OUT / f"{name}.log", "w")  # noqa: SIM115 - held by the child until it exits
         print(f"bench: {name} on the local Spot cloud (log {OUT / name}.log)", flush=True)
-        procs[name] = subprocess.Popen(chaos_command(name, module, overrides), cwd=REPO, stdout=log,
+        procs[name] = subprocess.Popen(chaos_command(name, module, [*overrides, *own]), cwd=REPO, stdout=log,
                                        stderr=subprocess.STDOUT)
         if sequential:
             procs[name].wait()
@@ -179,7 +186,7 @@ def emergency_saves(report: dict) -> list[float]:
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequential", action="store_true", help="run the two clouds one after the other")
+    parser.add_argument("--sequential", action="store_true", help="run the clouds one after the other")
     args, overrides = parser.parse_known_args()
     overrides = [*SETTINGS, *overrides]
     started = time.time()
@@ -197,6 +204,8 @@ def main() -> int:
         "harness": {**row(ours), "emergency_saves_s": saves,
                     "lost_nothing_when_notice_outlasts_save": ours["lost_steps"] == 0
                     and all(s < ours["schedule"]["notice_s"] for s in saves)},
+        "shrink": {**row(reports["shrink"]), "world_sizes": reports["shrink"]["world_sizes"],
+                   "repeated_samples": reports["shrink"]["repeated_samples"]},
         "young_daly": yd,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +223,8 @@ def print_table(r: dict) -> None:
         _line("(a) guides' baseline", r["baseline"],
               f"{setting(r['overrides'], 'chaos.baseline.interval_steps')} steps, every "
               f"{setting(r['overrides'], 'chaos.baseline.gcs_every')}th to GCS"),
-        _line("(b) this harness", r["harness"], "50 steps (async) + emergency save"),
+        _line("(b) this harness, on_preemption=wait", r["harness"], "50 steps (async) + emergency save"),
+        _line("(b) this harness, on_preemption=shrink", r["shrink"], "50 steps (async) + emergency save"),
         f"| (c) Young/Daly, same schedule | {yd['same_schedule']['goodput']:.3f} | "
         f"{yd['same_schedule']['preemptions']} | {yd['same_schedule']['lost_steps']} | "
         f"{yd['interval_steps']} steps ({yd['interval_s']:.1f} s) | {yd['same_schedule']['wall_s']:.0f} |",

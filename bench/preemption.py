@@ -21,7 +21,7 @@ from harness.batching import BatchPlan
 from harness.checkpoint.manager import CheckpointManager
 from harness.preemption import NoticeBoard
 from harness.state import TrainState, seed_everything
-from harness.train import build, train_step
+from harness.train import Stepper, build
 
 BLOCK = 30  # steps per block; blocks alternate with and without the agreement
 ROUNDS = 3
@@ -37,6 +37,7 @@ def main() -> None:
         state = TrainState(model, optimizer, d.rank)
         ckpt = CheckpointManager(cfg.checkpoint, d)
         plan, notices = BatchPlan.for_world(cfg.train, cfg.elastic, d.world_size), NoticeBoard(25.0)
+        stepper = Stepper(model, optimizer, dataset, plan, d, cfg, nullcontext())
 
         def block(agree: bool) -> float:
             distributed.any_rank(d, False)  # start together
@@ -44,7 +45,7 @@ def main() -> None:
             for _ in range(BLOCK):
                 if agree:
                     distributed.any_rank(d, notices.pending, ckpt.busy)
-                train_step(model, optimizer, dataset, plan, state, d, cfg, notices, nullcontext(), None)
+                stepper.step(state)
             return (time.perf_counter() - t0) / BLOCK
 
         block(False)  # warm-up: allocations, connections

@@ -35,8 +35,26 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = "default"
+    name: str = "default"  # a sweep's jobs: <sweep>/<index>-<short overrides> (harness/sweep/)
     dir: str = "runs/${run.name}"
+
+
+def rdzv_id(run_name: str) -> str:
+    """torchrun's --rdzv-id for a run (harness/launch.py; harness/rendezvous.py watches the same): the
+    name with '/' as '.', since torchrun names a log directory after it."""
+    return run_name.replace("/", ".")
+
+
+FSDP_DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names (this module does not import torch)
+
+
+@dataclass
+class FSDPConfig:
+    """train.parallelism=fsdp (harness/parallel.py)."""
+
+    shard_modules: list[str] = field(default_factory=list)  # block class names; [] = every ModuleList element
+    param_dtype: str = "bfloat16"  # on GPU; CPU runs stay fp32
+    reduce_dtype: str = "float32"
 
 
 @dataclass
@@ -50,8 +68,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_interval: int = 10
     device: str = "auto"  # auto | cpu | cuda
+    parallelism: str = "ddp"  # ddp | fsdp (harness/parallel.py)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     # Append each step's global sample indices to ${run.dir}/samples/ (an audit of the data stream).
-    audit_samples: bool = False
+    audit_samples: bool = True  # `step first stop` per step and rank in ${run.dir}/samples/ (a line a step)
 
 
 @dataclass
@@ -66,11 +87,31 @@ class GPTConfig:
 
 
 @dataclass
+class HFModelConfig:
+    """model=hf: a Hugging Face causal LM built from its config alone (harness/models/hf.py)."""
+
+    _target_: str = "harness.models.hf.causal_lm"
+    model_type: str = "???"  # a transformers model type: gpt2, llama, qwen2, mistral, ...
+    vocab_size: int = "${data.vocab_size}"  # type: ignore[assignment]
+    block_size: int = "${data.block_size}"  # type: ignore[assignment]  # max_position_embeddings
+    config: dict[str, Any] = field(default_factory=dict)  # the model type's config keys, e.g. num_hidden_layers
+
+
+@dataclass
 class DataConfig:
     _target_: str = "harness.data.synthetic.SyntheticTokens"
     vocab_size: int = 256
     block_size: int = 64
-    path: str | None = None  # token file for data=tokens
+    # data=tokens: one uint16 token file, or `paths`, shards read in order; local paths or gs:// URLs.
+    path: str | None = None
+    paths: list[str] = field(default_factory=list)
+    # Where gs:// files are copied once per VM (${run.dir} is on the local SSD on GCP), then memory-mapped.
+    cache_dir: str = "${run.dir}/data"
+    download_threads: int = 8  # parallel ranged downloads
+    download_chunk_mb: float = 32.0  # the unit of a ranged download and of its resumption after a kill
+    # A process that waits for another one on its node to fill the cache gives up when the cache has
+    # made no progress for this long.
+    download_stall_s: float = 600.0
 
 
 @dataclass
@@ -122,6 +163,7 @@ class WandbConfig:
     project: str = "spot-training"
     entity: str | None = None
     dir: str = "${run.dir}"
+    group: str | None = None  # W&B run group: a sweep sets it to the sweep's name on each of its jobs
 
 
 @dataclass
@@ -155,13 +197,37 @@ class ElasticConfig:
     # nodes launch.nnodes allows, as both minimum and maximum), or `shrink`: the survivors go on at any
     # size launch.nnodes allows, and torchrun grows the job again when the recreated node joins.
     on_preemption: str = "wait"
+    # shrink: how long a round waits for more nodes once the minimum is there (torchrun's last_call_timeout,
+    # 30 s by default: every preemption would idle the survivors that long before they go on).
+    shrink_last_call_s: int = 5  # whole seconds (torchrun parses it as an int)
 
 
 @dataclass
 class HealthConfig:
+    """Bounds per phase (harness/preemption/health.py): a VM waits in rendezvous for a recreated peer as long
+    as Spot capacity takes, and a restore from the bucket is bounded by its bytes, so both get longer
+    bounds than a training step."""
+
     port: int = 8888
-    stall_s: float = 300.0
+    stall_s: float = 300.0  # training: no step completed for this long
+    rendezvous_s: float = 3600.0
+    restore_s: float = 1800.0  # starting and restoring
+    save_s: float = 900.0
     enabled: bool = True
+
+
+@dataclass
+class SweepConfig:
+    """`python -m harness.sweep` (make sweep): how a Hydra multirun becomes jobs (harness/sweep/)."""
+
+    name: str | None = None  # <root>/<name>/; None: `sweep-` + a hash of the command line's overrides
+    root: str = "runs"  # where sweeps live locally: <root>/<name>/sweep.json and each job's run dir
+    on: str = "local"  # local | chaos | gcp (gcp: `make deploy ARGS="--multirun ..."`, then --status)
+    parallel: int = 1  # local and chaos: jobs run side by side on this machine
+    max_concurrent: int | None = None  # jobs running at once, the rest queued (GCP: GPU quota); None: no limit
+    # Set by the sweep on each job it starts (its place in the sweep; W&B gets them with the config).
+    index: int | None = None
+    job_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -179,6 +245,7 @@ class JobConfig:
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Groups owned by the telemetry, cost and infra layers; their own modules validate them.
     telemetry: Any = None
     cost: Any = None
@@ -189,10 +256,14 @@ class JobConfig:
 
 def register() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     cs.store(group="model", name="gpt_schema", node=GPTConfig)
+    hf = OmegaConf.structured(HFModelConfig)
+    OmegaConf.set_struct(hf.config, False)  # `model.config.<any key of the model type>=...` needs no '+'
+    cs.store(group="model", name="hf_schema", node=hf)
 
 
 def one_of(key: str, value: object, allowed: Sequence[object]) -> None:
@@ -243,13 +314,19 @@ def validate(cfg: DictConfig) -> None:
                 f"checkpoint.slower_tiers[{i}].url={tier.url!r} is a local path, but launch.nnodes="
                 f"{cfg.launch.nnodes} allows several nodes: a node's local tier holds only its own share of "
                 "a checkpoint and could not restore the job; use a gs:// tier, or a local one with launch.nnodes=1")
+    one_of("train.parallelism", cfg.train.parallelism, ("ddp", "fsdp"))
+    one_of("train.fsdp.param_dtype", cfg.train.fsdp.param_dtype, FSDP_DTYPES)
+    one_of("train.fsdp.reduce_dtype", cfg.train.fsdp.reduce_dtype, FSDP_DTYPES)
     one_of("checkpoint.if_busy", cfg.checkpoint.if_busy, ("wait", "skip"))
     one_of("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
     _positive("launch.nproc_per_node", cfg.launch.nproc_per_node)
     _positive("preemption.deadline_s", cfg.preemption.deadline_s)
+    for key in ("stall_s", "rendezvous_s", "restore_s", "save_s"):
+        _positive(f"health.{key}", cfg.health[key])
     one_of("preemption.in_flight_step", cfg.preemption.in_flight_step, ("finish", "abandon"))
     one_of("elastic.lr_scaling", cfg.elastic.lr_scaling, ("none", "linear", "sqrt"))
     one_of("elastic.on_preemption", cfg.elastic.on_preemption, ("wait", "shrink"))
+    _positive("elastic.shrink_last_call_s", cfg.elastic.shrink_last_call_s)
     try:
         check_every_world_size(cfg.train, cfg.elastic, cfg.launch)
     except BatchSplitError as err:

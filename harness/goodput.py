@@ -21,14 +21,14 @@ from rich.table import Table
 
 from harness.cost import CostModel
 from harness.telemetry.goodput import CATEGORIES, PRODUCTIVE, Breakdown, breakdown
-from harness.telemetry.ledger import read_ledger
+from harness.telemetry.ledger import ledger_location, read_ledger
 from harness.telemetry.timeline import plot_timeline
 
 
 def find_ledger(location: str) -> tuple[str, list[dict[str, Any]]]:
     """The first of `location`, `<location>/ledger`, `<location>/checkpoints/ledger` holding events."""
     base = location.rstrip("/")
-    tried = [base, f"{base}/ledger", f"{base}/checkpoints/ledger"]
+    tried = [base, ledger_location(base), ledger_location(f"{base}/checkpoints")]
     for candidate in tried:
         events = read_ledger(candidate)
         if events:

@@ -3,8 +3,9 @@ beside it -> every instance group of the deployment resized to 0 -> no VM trains
 
 Contract:
 - The record is `finished.json` in the durable tier (the last checkpoint tier: the bucket on a VM, a
-  local directory locally), a JSON object: `step`, `model_sha256`, `time` (UTC, ISO 8601) and
-  `checkpoint_step` (the newest step committed in that tier then; null when none). Rank 0 writes it
+  local directory locally), a JSON object: `step`, `model_sha256`, `time` (UTC, ISO 8601),
+  `checkpoint_step` (the newest step committed in that tier then; null when none) and `final_loss`
+  (the last step's loss on rank 0's share; null when unknown, absent in older records). Rank 0 writes it
   in `train.finish()` once summary.json is written (`job_finished`), then resizes the groups.
 - A job is finished when its durable tier holds a record whose step reaches `train.max_steps`. The
   launcher asks before it starts torchrun (`already_finished`): on a VM that boots or restarts after
@@ -14,6 +15,9 @@ Contract:
 - The groups are the VM's `spot-instance-groups` metadata attribute (built by infra/vm.py): resource
   paths `projects/P/regions/R/instanceGroupManagers/N` or `projects/P/zones/Z/instanceGroupManagers/N`,
   space-separated, resized in that order. Off GCE, or without the attribute, nothing is resized.
+- In a sweep deployment the VM also carries `spot-sweep-queue`: before its own groups go to 0, rank 0
+  starts the sweep's next queued jobs (harness/sweep/queue.py `advance`), on both paths above, so a
+  preemption between the record and the resize is caught up by the VM the MIG recreates.
 - A resize is `POST {endpoint}/{path}/resize?size=N` (`regionInstanceGroupManagers.resize`,
   `instanceGroupManagers.resize`), which needs only `compute.instanceGroupManagers.update`: the VMs'
   service account holds a custom role with that one permission, on these groups only
@@ -73,13 +77,14 @@ class Finished:
     model_sha256: str
     time: str
     checkpoint_step: int | None
+    final_loss: float | None = None
 
     @classmethod
     def from_record(cls, record: dict, where: str) -> Finished:
         try:
-            committed = record.get("checkpoint_step")
+            committed, loss = record.get("checkpoint_step"), record.get("final_loss")
             return cls(int(record["step"]), str(record["model_sha256"]), str(record["time"]),
-                       None if committed is None else int(committed))
+                       None if committed is None else int(committed), None if loss is None else float(loss))
         except (KeyError, TypeError, ValueError) as err:
             raise StoreError(f"{where}: not a finished record ({type(err).__name__}: {err})") from None
 
@@ -95,25 +100,26 @@ def read(store: Store) -> Finished | None:
     return None if record is None else Finished.from_record(record, location(store))
 
 
-def record(store: Store, step: int, model_sha256: str) -> Finished:
+def record(store: Store, step: int, model_sha256: str, final_loss: float | None = None) -> Finished:
     """Write the record of a job that finished at `step` into its durable tier `store`."""
     committed = store.committed_steps()
     done = Finished(step, model_sha256, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    committed[-1] if committed else None)
+                    committed[-1] if committed else None, final_loss)
     store.write_record(RECORD, asdict(done))
     return done
 
 
-def job_finished(tiers: list[Tier], step: int, model_sha256: str) -> None:
+def job_finished(tiers: list[Tier], step: int, model_sha256: str, final_loss: float | None = None) -> None:
     """Rank 0 once the summary is written: the record in the durable tier of `tiers`, then every
     instance group to 0. The resize comes even when the record cannot be written: the job is over
     either way (a VM booted later would restore the final step and finish again)."""
     store = durable(tiers).store
     try:
-        record(store, step, model_sha256)
+        record(store, step, model_sha256, final_loss)
         print(f"job end: finished at step {step}, recorded in {location(store)}", flush=True)
     except StoreError as err:
         print(f"job end: the finished record was not written: {err}", file=sys.stderr, flush=True)
+    _advance_sweep()
     stop_groups()
 
 
@@ -131,8 +137,17 @@ def already_finished(cfg: DictConfig) -> bool:
     print(f"launch: run {cfg.run.name!r} finished at step {done.step} on {done.time} (model_sha256 "
           f"{done.model_sha256[:12]}..., {location(store)}): not training again; to train further, a higher "
           "train.max_steps (in a deployment with `make deploy ... --resume-finished`)", flush=True)
+    _advance_sweep()
     stop_groups()
     return True
+
+
+def _advance_sweep() -> None:
+    """A sweep deployment's queue (harness/sweep/queue.py): start the next jobs before this one's groups
+    go to 0. Never raises: the job's result does not depend on it."""
+    from harness.sweep import queue
+
+    queue.advance()
 
 
 # --- the instance groups ----------------------------------------------------------------------------

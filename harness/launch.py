@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from harness import config, job_end
 from harness.batching import max_nodes
 from harness.checkpoint.store import StoreError
 from harness.checkpoint.tiers import build_tiers
-from harness.preemption.health import HEALTH_FILE_ENV, LauncherHealth, serve
+from harness.preemption.health import HEALTH_FILE_ENV, Bounds, LauncherHealth, serve
 from harness.preemption.notice import (
     MAINTENANCE,
     PLANNED_STOP_EXIT_CODE,
@@ -51,12 +52,15 @@ def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
     if launch.standalone:
         cmd.append("--standalone")
     else:
-        most = max_nodes(launch)
-        nnodes = launch.nnodes if cfg.elastic.on_preemption == "shrink" else f"{most}:{most}"
+        most, shrink = max_nodes(launch), cfg.elastic.on_preemption == "shrink"
+        nnodes = launch.nnodes if shrink else f"{most}:{most}"
         cmd += [f"--nnodes={nnodes}", f"--rdzv-backend={launch.rdzv_backend}",
-                f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={cfg.run.name}"]
-        if launch.rdzv_conf:
-            cmd.append(f"--rdzv-conf={launch.rdzv_conf}")
+                f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={config.rdzv_id(cfg.run.name)}"]
+        conf = [launch.rdzv_conf] if launch.rdzv_conf else []
+        if shrink and "last_call_timeout" not in (launch.rdzv_conf or ""):
+            conf.append(f"last_call_timeout={int(cfg.elastic.shrink_last_call_s)}")
+        if conf:
+            cmd.append(f"--rdzv-conf={','.join(conf)}")
     cmd.append(f"--max-restarts={launch.max_restarts}")
     if torchrun_has_shutdown_timeout():
         cmd.append(f"--shutdown-timeout={launch.shutdown_timeout_s}")
@@ -100,11 +104,16 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    health = LauncherHealth(cfg.health.stall_s, run_dir / ".health.json")
+    health = LauncherHealth(Bounds.of(cfg.health), run_dir / ".health.json")
     if cfg.health.enabled:
         run_dir.mkdir(parents=True, exist_ok=True)
         env[HEALTH_FILE_ENV] = str(health.report_file)
         serve(health, cfg.health.port)
+    try:
+        prefetch_data(cfg)
+    except config.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     while True:  # one torchrun per rendezvous round this node takes part in
         rejoin.unlink(missing_ok=True)
         health.new_round()
@@ -131,6 +140,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run dir: {cfg.run.dir}\n  summary: {summary}\n  checkpoints: {cfg.checkpoint.store}\n"
           f"  wandb: {cfg.wandb.dir}/wandb ({cfg.wandb.mode})", flush=True)
     return 0
+
+
+def prefetch_data(cfg: DictConfig) -> None:
+    """Fill this node's cache of gs:// token files (harness/data/gcs.py) before torchrun starts: a slow
+    download then delays only this node's rendezvous, never a collective with a timeout, and a
+    preemption mid-download resumes it at the next boot. The trainers find the copies in the cache."""
+    data = cfg.data
+    sources = [data.get("path"), *(data.get("paths") or [])]
+    if not any(str(s).startswith("gs://") for s in sources if s):
+        return
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate  # builds the dataset as the trainer will: the download and its checks
+
+    print("launch: filling the data cache (data.cache_dir) before the rendezvous", flush=True)
+    logging.basicConfig(level=logging.INFO, format="launch: %(message)s")  # the cache's own report
+    try:
+        instantiate(data, seed=cfg.seed, _convert_="all")
+    except InstantiationException as err:  # Hydra wraps what the dataset raised
+        if isinstance(err.__cause__, config.ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def _stop_code(marker: Path) -> int:

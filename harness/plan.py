@@ -1,6 +1,7 @@
 """The cost planner: all-Spot vs hybrid vs on-demand for `train.max_steps`, before anything runs.
 
     python -m harness.plan [overrides]       e.g. plan.mtbi_spot_h=2 train.max_steps=100000
+    python -m harness.plan optim.lr=1e-3,3e-4 train.max_steps=20000,50000   a sweep: harness/sweep/plan.py
 
 Inputs: `plan.*` (conf/plan/default.yaml), `train.max_steps`, `checkpoint.interval_steps` (an int, or
 `auto` for Young/Daly per mode) and the price table `cost.*`. Any other override goes to the job config.
@@ -288,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console()
     try:
+        from harness.sweep import plan as sweep_plan  # a sweep's overrides: every job, and the total
+
+        if not args.validate and sweep_plan.is_sweep(args.overrides):
+            console.print(sweep_plan.table(args.overrides))
+            return 0
         p, prices, max_steps, setting = plan_config(args.overrides)
         if args.validate:
             console.print(validation_table(p, max_steps, max(p.simulate_runs, 1)))

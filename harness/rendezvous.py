@@ -56,7 +56,10 @@ class _StateUnpickler(pickle.Unpickler):
 
 
 def state_key(run_id: str) -> str:
-    return f"torch.rendezvous.{run_id}"  # what torchrun's C10dRendezvousBackend uses
+    """The key torchrun's C10dRendezvousBackend keeps run `run_id`'s state under (its --rdzv-id)."""
+    from harness.config import rdzv_id
+
+    return f"torch.rendezvous.{rdzv_id(run_id)}"
 
 
 def reopen_if_closed(store: TCPStore, run_id: str) -> int | None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -129,9 +130,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def model_sha256(model: nn.Module) -> str:
-    """SHA-256 over the model state dict: keys sorted, each tensor's raw contiguous CPU bytes."""
+    """SHA-256 over the full (unsharded) weights, whatever the strategy: the state dict's keys sorted,
+    each tensor's raw contiguous CPU bytes. A sharded (FSDP) tensor is gathered one at a time, so no rank
+    holds the whole model at once; every rank must call this then (the gathers are collectives)."""
     h = hashlib.sha256()
     sd = unwrap(model).state_dict()
     for key in sorted(sd):
-        h.update(sd[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        tensor = sd[key].detach()
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        del tensor
     return h.hexdigest()

@@ -18,18 +18,21 @@ import os
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from harness import config, distributed, job_end
+from harness import config, distributed, job_end, parallel
 from harness.batching import BatchPlan, BatchSplitError
 from harness.cadence import Cadence
 from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, TierUnavailable
@@ -38,82 +41,114 @@ from harness.checkpoint.store import CommitConflict, StoreError
 from harness.checkpoint.tiers import durable
 from harness.data import make_batch, rank_indices
 from harness.goodput import report as goodput_table
+from harness.models import logits_of
 from harness.optim import build_optimizer, lr_at, set_lr
 from harness.preemption import PREEMPTED_EXIT_CODE, NoticeBoard
-from harness.preemption.health import HEALTH_FILE_ENV, Health, serve
+from harness.preemption.health import HEALTH_FILE_ENV, Bounds, Health, serve
 from harness.preemption.metadata import MetadataWatcher
 from harness.preemption.notice import PREEMPTED_MARKER, REJOIN_MARKER
 from harness.progress import ProgressDisplay
 from harness.state import TrainState, capture_rng, model_sha256, restore_rng, seed_everything, unwrap
+from harness.summary import write_summary
 from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
+from harness.telemetry.ledger import ledger_location
 
 log = logging.getLogger("harness")
 UNAVAILABLE_EXIT_CODE = 69  # EX_UNAVAILABLE: a store cannot be reached now; the unit restarts it
 
 
+def _instantiate(node: DictConfig, **kwargs):
+    """Hydra wraps what a constructor raises; a ConfigError (bad data or model input, named by its key)
+    comes out as itself, so the job exits 2 with the message."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, config.ConfigError):
+            raise err.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig, d: distributed.Dist):
-    dataset = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
-    model = instantiate(cfg.model, _convert_="all").to(d.device)
-    if d.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
-        )
+    dataset = _instantiate(cfg.data, seed=cfg.seed)
+    model = parallel.wrap(_instantiate(cfg.model).to(d.device), cfg.train, d)
     optimizer = build_optimizer(unwrap(model), cfg.optim)
     return dataset, model, optimizer
 
 
-def micro_loss(model, dataset, part: range, d, autocast) -> torch.Tensor:
-    x, y = (t.to(d.device) for t in make_batch(dataset, part))
-    with autocast:
-        logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+def never() -> bool:
+    return False
 
 
-def settle_gradient_buckets(job: Job, plan: BatchPlan, autocast) -> None:
-    """DDP lays out its gradient buckets by parameter order for its first backward, then rebuilds them
-    in the order the gradients became ready. gloo's ring all-reduce sums each element in an order that
-    depends on that layout, which at 3 or more ranks changes the last bits. A restarted process would
-    take its first step on the initial layout where the uninterrupted run had the rebuilt one: so each
-    process first runs one throwaway backward (eval mode, RNG put back, gradients dropped), and every
-    real step of every incarnation runs on the rebuilt layout."""
-    if not isinstance(job.model, torch.nn.parallel.DistributedDataParallel):
-        return
-    d, progress = job.dist, job.state.progress
-    rng = capture_rng(d.device)
-    job.model.eval()
-    part = rank_indices(progress.sample_index, plan.global_batch, d.rank, d.world_size)[: plan.micro_batch]
-    micro_loss(job.model, job.dataset, part, d, autocast).backward()
-    job.optimizer.zero_grad(set_to_none=True)
-    job.model.train()
-    restore_rng(rng, d.device)
+@dataclass
+class Stepper:
+    """One optimizer step over this rank's share of the global batch, by global sample index: forward and
+    backward per micro-batch (gradients reduced on the last), clip, learning rate, step. `abandon` is
+    asked between micro-batches (preemption.in_flight_step=abandon: any rank holds a notice) and drops
+    the step, RNG put back, so a save holds the last completed one."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dataset: object
+    plan: BatchPlan
+    dist: distributed.Dist
+    cfg: DictConfig
+    autocast: AbstractContextManager
+    audit: TextIO | None = None
+    abandon: Callable[[], bool] = never
+
+    def micro_loss(self, part: range) -> torch.Tensor:
+        x, y = (t.to(self.dist.device) for t in make_batch(self.dataset, part))
+        with self.autocast:
+            logits = logits_of(self.model(x), x)
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+    def settle_gradient_buckets(self, state: TrainState) -> None:
+        """DDP lays out its gradient buckets by parameter order for its first backward, then rebuilds them
+        in the order the gradients became ready. gloo's ring all-reduce sums each element in an order that
+        depends on that layout, which at 3 or more ranks changes the last bits. A restarted process would
+        take its first step on the initial layout where the uninterrupted run had the rebuilt one: so each
+        process first runs one throwaway backward (eval mode, RNG put back, gradients dropped), and every
+        real step of every incarnation runs on the rebuilt layout."""
+        if not parallel.is_ddp(self.model):
+            return
+        d, plan = self.dist, self.plan
+        rng = capture_rng(d.device)
+        self.model.eval()
+        part = rank_indices(state.progress.sample_index, plan.global_batch, d.rank, d.world_size)[: plan.micro_batch]
+        self.micro_loss(part).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        restore_rng(rng, d.device)
+
+    def step(self, state: TrainState) -> float | None:
+        """The step at `state.progress`; its mean loss on this rank, None if abandoned."""
+        d, plan, progress = self.dist, self.plan, state.progress
+        indices = rank_indices(progress.sample_index, plan.global_batch, d.rank, d.world_size)
+        loss_sum = 0.0
+        for micro in range(plan.grad_accum):
+            if micro and self.abandon():
+                self.optimizer.zero_grad(set_to_none=True)
+                state.rewind_to_step_boundary()
+                return None
+            part = indices[micro * plan.micro_batch : (micro + 1) * plan.micro_batch]
+            with parallel.gradient_sync(self.model, micro == plan.grad_accum - 1):
+                loss = self.micro_loss(part)
+                (loss / plan.grad_accum).backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        set_lr(self.optimizer, lr_at(progress.step, self.cfg.train.max_steps, self.cfg.optim, plan.lr_scale))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.audit:
+            self.audit.write(f"{progress.step} {indices.start} {indices.stop}\n")
+        progress.step += 1
+        progress.sample_index += plan.global_batch
+        return loss_sum / plan.grad_accum
 
 
-def train_step(model, optimizer, dataset, plan: BatchPlan, state: TrainState, d, cfg, notices, autocast,
-               audit) -> float | None:
-    """One optimizer step over this rank's share of the global batch; None if abandoned on a notice."""
-    indices = rank_indices(state.progress.sample_index, plan.global_batch, d.rank, d.world_size)
-    loss_sum = 0.0
-    for micro in range(plan.grad_accum):
-        if micro and cfg.preemption.in_flight_step == "abandon" and distributed.any_rank(d, notices.pending)[0]:
-            optimizer.zero_grad(set_to_none=True)
-            state.rewind_to_step_boundary()
-            return None
-        part = indices[micro * plan.micro_batch : (micro + 1) * plan.micro_batch]
-        last = micro == plan.grad_accum - 1
-        with model.no_sync() if d.enabled and not last else nullcontext():
-            loss = micro_loss(model, dataset, part, d, autocast)
-        (loss / plan.grad_accum).backward()
-        loss_sum += loss.item()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    set_lr(optimizer, lr_at(state.progress.step, cfg.train.max_steps, cfg.optim, plan.lr_scale))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if audit:
-        audit.write(f"{state.progress.step} {indices.start} {indices.stop}\n")
-    state.progress.step += 1
-    state.progress.sample_index += plan.global_batch
-    return loss_sum / plan.grad_accum
+def autocast_for(d: distributed.Dist) -> AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
 
 
 @dataclass
@@ -130,6 +165,7 @@ class Job:
     notices: NoticeBoard
     health: Health
     tel: Telemetry
+    last_loss: float | None = None  # the last step's loss on rank 0's share (summary.json's final_loss)
 
 
 def run(cfg: DictConfig) -> int:
@@ -139,7 +175,7 @@ def run(cfg: DictConfig) -> int:
     notices.install_signal_handlers(list(cfg.preemption.signals))
     watcher = MetadataWatcher(notices.record).start() if cfg.preemption.metadata_watch else None
     report_to = os.environ.get(HEALTH_FILE_ENV) if cfg.health.enabled and d.is_node_leader else None
-    health = Health(cfg.health.stall_s, Path(report_to) if report_to else None)
+    health = Health(Bounds.of(cfg.health), Path(report_to) if report_to else None)
     serving = cfg.health.enabled and d.is_node_leader and not report_to  # else the launcher serves it
     server = serve(health, cfg.health.port) if serving else None
     tel, code = None, 1
@@ -149,7 +185,7 @@ def run(cfg: DictConfig) -> int:
         ckpt = CheckpointManager(cfg.checkpoint, d)
         tel = Telemetry.start(cfg, rank=d.rank, local_rank=d.local_rank, world_size=d.world_size,
                               node=f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', 0)}",
-                              ledger_location=f"{durable(ckpt.tiers).store.url}/ledger")
+                              ledger_location=ledger_location(durable(ckpt.tiers).store.url))
         tel.event(ev.RENDEZVOUS_DONE, world_size=d.world_size)
         job = Job(cfg, d, model, optimizer, dataset, TrainState(model, optimizer, d.rank, d.device), ckpt,
                   notices, health, tel)
@@ -157,8 +193,10 @@ def run(cfg: DictConfig) -> int:
         code = loop(job)
         health.set_phase("preempted" if code == PREEMPTED_EXIT_CODE else "finished")
         ckpt.close()
-        if d.is_main and code == 0:
-            finish(job, started)
+        if code == 0:
+            sha = model_sha256(job.state.model)  # under FSDP every rank takes part in gathering the weights
+            if d.is_main:
+                finish(job, started, sha)
         return code
     finally:
         if tel:
@@ -210,14 +248,15 @@ class Boundary:
 def loop(job: Job) -> int:
     cfg, d, state = job.cfg, job.dist, job.state
     plan = BatchPlan.for_world(cfg.train, cfg.elastic, d.world_size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
     display = ProgressDisplay(cfg.train.max_steps, state.progress.step, enabled=d.is_main,
                               log_interval=cfg.train.log_interval)
     cadence = Cadence(cfg.checkpoint.interval_steps, cfg.train.max_steps, state.progress.step)
-    audit = open_audit(cfg, d) if cfg.train.audit_samples else None
     rewindable = cfg.preemption.in_flight_step == "abandon" and plan.grad_accum > 1
+    stepper = Stepper(job.model, job.optimizer, job.dataset, plan, d, cfg, autocast_for(d),
+                      open_audit(cfg, d) if cfg.train.audit_samples else None,
+                      abandon=(lambda: distributed.any_rank(d, job.notices.pending)[0]) if rewindable else never)
     tokens_per_step = plan.global_batch * cfg.data.block_size
-    settle_gradient_buckets(job, plan, autocast)
+    stepper.settle_gradient_buckets(state)
     job.health.set_phase("training")
     job.model.train()
     blocking_s, seconds = -1.0, 0.0
@@ -236,7 +275,8 @@ def loop(job: Job) -> int:
         blocking_s = -1.0
         if agreed.save:
             report = job.ckpt.save(step, state, skip=agreed.writer_busy and cfg.checkpoint.if_busy == "skip")
-            job.tel.event(ev.CKPT_BLOCK, step=step, seconds=report.seconds, skipped=not report.ok)
+            job.tel.event(ev.CKPT_BLOCK, step=step, seconds=report.seconds, skipped=not report.ok,
+                          snapshot_bytes=report.bytes)
             blocking_s = report.seconds if report.ok else -1.0
             cadence.saved(step)
         if step >= cfg.train.max_steps:
@@ -244,12 +284,13 @@ def loop(job: Job) -> int:
         if rewindable:
             state.mark_step_boundary()
         t0 = time.perf_counter()
-        loss = train_step(job.model, job.optimizer, job.dataset, plan, state, d, cfg, job.notices, autocast, audit)
+        loss = stepper.step(state)
         if loss is None:  # abandoned on a notice: the state (RNG included) is the last completed step
             continue
         step, seconds = state.progress.step, time.perf_counter() - t0
         job.health.step_done(step)
         display.update(step, loss, seconds)
+        job.last_loss = loss
         metrics = None
         if step % cfg.train.log_interval == 0:
             metrics = {"loss": loss, "lr": job.optimizer.param_groups[0]["lr"], "world_size": d.world_size,
@@ -306,27 +347,15 @@ def emergency_exit(job: Job) -> int:
     return PREEMPTED_EXIT_CODE
 
 
-def finish(job: Job, started: float) -> None:
+def finish(job: Job, started: float, sha: str) -> None:
     """Rank 0 at the end: summary.json, the goodput breakdown of the whole job so far, then the job's
     end (harness/job_end.py): the `finished` record and every instance group resized to 0."""
-    job.tel.flush()
-    breakdown = job.tel.breakdown()
     progress = job.state.progress
-    summary = {
-        "final_step": progress.step,
-        "model_sha256": model_sha256(job.state.model),
-        "wall_seconds": round(time.time() - started, 3),
-        # Restarts, world sizes, preemptions: the ledger's, which has every incarnation from its start
-        # (harness/telemetry/goodput.py); restarts and preemptions arrive with the job metrics below.
-        "world_sizes": list(breakdown.world_sizes),
-        "sample_index": progress.sample_index,
-        "wandb_run_id": progress.wandb_run_id,
-        "lost_steps": breakdown.lost_steps,
-        **{k: round(v, 6) for k, v in job.tel.job_metrics().items()},
-    }
-    (Path(job.cfg.run.dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary, breakdown = write_summary(Path(job.cfg.run.dir), job.tel, final_step=progress.step, model_sha256=sha,
+                                       started=started, sample_index=progress.sample_index,
+                                       wandb_run_id=progress.wandb_run_id, final_loss=job.last_loss)
     Console().print(goodput_table(breakdown))
-    job_end.job_finished(job.ckpt.tiers, progress.step, summary["model_sha256"])
+    job_end.job_finished(job.ckpt.tiers, progress.step, summary["model_sha256"], final_loss=job.last_loss)
 
 
 @record

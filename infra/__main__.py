@@ -1,4 +1,4 @@
-"""`python -m infra synth|plan|deploy|destroy|cost [Hydra overrides...]` (the Makefile's infra targets).
+"""`python -m infra synth|plan|deploy|destroy|cost|logs [Hydra overrides...]` (the Makefile's infra targets).
 
     synth    write the Terraform JSON under infra.outdir (no cloud access, no terraform binary)
     plan     synth, then terraform init + plan
@@ -11,6 +11,12 @@
                   master's group back to 1 (the job's end resized it to 0; Terraform leaves its size alone)
     destroy  synth, then terraform init + destroy (asks for confirmation unless --yes)
     cost     the hourly cost of each topology at the configured prices (or of the one given)
+    --multirun (-m) with synth|plan|deploy|destroy: the overrides are a sweep (Hydra's grammar), deployed
+             as one deployment with a Spot MIG per job and a queue within sweep.max_concurrent (infra/sweep.py)
+    logs     print a run's log (run.name=... required) from Cloud Logging, across its VMs and their
+             incarnations, oldest first: `gcloud logging read` on the labels the VMs ship
+             (infra/logs.py); --freshness (default 1d), --limit (default 1000, the newest),
+             --role, --vm narrow it. Needs gcloud, logged in with roles/logging.viewer on infra.project.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 from harness import job_end
 from harness.checkpoint.store import Store, StoreError
 from harness.config import ConfigError
-from infra import pricing, release, settings, terraform, vm
+from infra import logs, pricing, release, settings, terraform, vm
 
 TOPOLOGIES = tuple(sorted(p.stem for p in (settings.REPO / "conf" / "topology").glob("*.yaml")))
 PLAN_FILE = "tfplan"
@@ -85,7 +91,7 @@ def _deploy(binary: str, gcloud: str, s: settings.Settings, quota_checked: bool,
         # Build first: a harness that does not build must not leave half a deployment behind.
         wheel = release.build_wheel(Path(wheel_dir))
         wheelhouse = release.build_wheelhouse(s)
-        version = release.version()
+        version = release.version(s)
         stack_dir = _synth(s, version)
         terraform.run(binary, stack_dir, "init", "-input=false")
         foundation = terraform.targets(stack_dir, stacks.FOUNDATION)
@@ -107,6 +113,14 @@ def _deploy(binary: str, gcloud: str, s: settings.Settings, quota_checked: bool,
         print(f"warning: {warning}", flush=True)
 
 
+def _logs(overrides: Sequence[str], freshness: str, limit: int, role: str | None, vm_name: str | None) -> None:
+    from infra import prerequisites
+
+    s = settings.load(overrides)
+    logs.check(s, overrides, freshness, limit)
+    logs.show(prerequisites.gcloud(), s, freshness, limit, role, vm_name)
+
+
 def run(command: str, overrides: Sequence[str], yes: bool = False, resume_finished: bool = False) -> None:
     if command == "cost":
         print(_cost_table(overrides))
@@ -122,7 +136,7 @@ def run(command: str, overrides: Sequence[str], yes: bool = False, resume_finish
         quota_checked = prerequisites.check_project(s, gcloud)
         _deploy(binary, gcloud, s, quota_checked, _finished_run(s, resume_finished))
         return
-    stack_dir = _synth(s, release.version())
+    stack_dir = _synth(s, release.version(s))
     if binary is None:
         return
     terraform.run(binary, stack_dir, "init", "-input=false")
@@ -135,14 +149,27 @@ def run(command: str, overrides: Sequence[str], yes: bool = False, resume_finish
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("synth", "plan", "deploy", "destroy", "cost"))
+    parser.add_argument("command", choices=("synth", "plan", "deploy", "destroy", "cost", "logs"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, exactly as for training")
     parser.add_argument("--yes", action="store_true", help="destroy without asking for confirmation")
+    parser.add_argument("--multirun", "-m", action="store_true",
+                        help="the overrides are a sweep: one deployment, a Spot MIG per job (infra/sweep.py)")
     parser.add_argument("--resume-finished", action="store_true",
                         help="deploy a run that has finished again (its `finished` record is removed)")
+    parser.add_argument("--freshness", default="1d", help="logs: entries from this far back (30m, 6h, 1d, 2w)")
+    parser.add_argument("--limit", type=int, default=1000, help="logs: at most this many entries, the newest")
+    parser.add_argument("--role", choices=logs.ROLES, help="logs: only this role's VMs")
+    parser.add_argument("--vm", help="logs: only this VM (its instance name)")
     args = parser.parse_intermixed_args(argv)
     try:
-        run(args.command, args.overrides, args.yes, args.resume_finished)
+        if args.multirun:
+            from infra import sweep
+
+            sweep.run(args.command, args.overrides, args.yes)
+        elif args.command == "logs":
+            _logs(args.overrides, args.freshness, args.limit, args.role, args.vm)
+        else:
+            run(args.command, args.overrides, args.yes, args.resume_finished)
     except (ConfigError, terraform.PreflightError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -66,9 +66,10 @@ def check_project(s: Settings, binary: str) -> bool:
     return True
 
 
-def check_quota(s: Settings, binary: str) -> None:
-    """PreflightError when the region's GPU quota is below what the topology uses at its maximum."""
-    if not (need := gpus_needed(s)):
+def check_quota(s: Settings, binary: str, need: Counter[str] | None = None) -> None:
+    """PreflightError when the region's GPU quota is below what the topology uses at its maximum (or
+    `need`: a sweep's jobs that run at once, infra/sweep.py)."""
+    if not (need := gpus_needed(s) if need is None else need):
         return
     region = s.infra.region
     described = _gcloud(binary, "compute", "regions", "describe", region, f"--project={s.infra.project}",

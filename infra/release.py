@@ -6,7 +6,9 @@ no package index is needed to boot, so a slow or failing index never delays a re
 Layout in the bucket: `releases/<version>/` holds the harness wheel, requirements.txt, conf/ and
 manifest.json (written last: its presence says the release is complete; it lists every file with its
 object and sha256). Third-party wheels live once under `wheels/<file name>`, shared by all releases
-(a wheel's file name names its content), and are uploaded only when missing.
+(a wheel's file name names its content), and are uploaded only when missing; so does the Ops Agent
+package under `agents/<file name>` when `infra.logs.agent_package` names one (startup.sh installs it
+on an image without the agent: infra/logs.py).
 
 The version is the package version plus a digest of everything that goes into the release, so a
 changed harness or config gets a new folder (VMs still running keep the one they installed) and an
@@ -32,6 +34,7 @@ from infra.settings import REPO, ImageSettings, Settings
 
 RELEASES = "releases"
 WHEELS = "wheels"
+AGENTS = "agents"  # the Ops Agent package, when the release carries one
 MANIFEST = "manifest.json"
 # Requirements the VMs do not need: they build, test or deploy. Everything else in requirements.txt
 # goes into the wheelhouse with its pinned version (torch only with infra.wheelhouse.torch).
@@ -49,11 +52,28 @@ def _sources() -> list[Path]:
     return sorted(files)
 
 
-def version() -> str:
-    """`<package version>-<12 hex digits of the content digest>`, e.g. 0.1.0-3f2a9c1b0d4e."""
+def agent_package(settings: Settings) -> Path | None:
+    """The Ops Agent .deb the release carries (infra.logs.agent_package), or None."""
+    package = settings.infra.logs.agent_package
+    return settings.path(package) if package is not None and settings.infra.logs.enabled else None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def version(settings: Settings | None = None) -> str:
+    """`<package version>-<12 hex digits of the content digest>`, e.g. 0.1.0-3f2a9c1b0d4e. With
+    `settings`, the Ops Agent package the release carries is part of the digest."""
     digest = hashlib.sha256()
     for path in _sources():
         digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    if settings is not None and (package := agent_package(settings)) is not None:
+        digest.update(f"{AGENTS}/{package.name}\0{_file_sha256(package)}\0".encode())
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     return f"{project}-{digest.hexdigest()[:12]}"
 
@@ -182,15 +202,20 @@ def publish(settings: Settings, release: str, wheel: Path, wheelhouse: list[Path
         bucket.blob(f"{prefix}/{path}").upload_from_string(data)
         files[path] = {"object": f"{prefix}/{path}", "sha256": _sha256(data)}
 
-    for local in wheelhouse:
-        digest = hashlib.sha256(local.read_bytes()).hexdigest()
-        name = f"{WHEELS}/{local.name}"
+    def shared(folder: str, local: Path) -> None:  # once for every release, uploaded only when missing
+        digest = _file_sha256(local)
+        name = f"{folder}/{local.name}"
         existing = bucket.get_blob(name)
         if existing is None or (existing.metadata or {}).get("sha256") != digest:
             blob = bucket.blob(name)
             blob.metadata = {"sha256": digest}
             blob.upload_from_filename(str(local))
         files[name] = {"object": name, "sha256": digest}
+
+    for local in wheelhouse:
+        shared(WHEELS, local)
+    if (package := agent_package(settings)) is not None:
+        shared(AGENTS, package)
     upload(wheel.name, wheel.read_bytes())
     upload("requirements.txt", lock(wheelhouse).encode())
     for path in sorted(p for p in (REPO / "conf").rglob("*") if p.is_file()):

@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from harness import config as job_config
+from harness.bucket_names import bucket_name_problem
 from harness.config import ConfigError, one_of, structured
 from infra import machines
 
@@ -30,6 +31,8 @@ TERMINATION_ACTIONS = ("STOP", "DELETE")
 # BALANCED / ANY / EVEN spread them over infra.zones (capacity).
 DISTRIBUTIONS = ("ANY_SINGLE_ZONE", "BALANCED", "ANY", "EVEN")
 MASTER_ROLES = ("trainer", "rendezvous")
+# run.name: one folder name, or <sweep>/<job> (harness/sweep/); startup/startup.sh checks the same pattern.
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
 
 
 @dataclass
@@ -96,6 +99,17 @@ class HealthCheckSettings:
 
 
 @dataclass
+class LogsSettings:
+    """The job's logs in Cloud Logging (infra/logs.py): the Ops Agent on each VM ships the job's journal."""
+
+    enabled: bool = True
+    # A google-cloud-ops-agent .deb for the image's OS, for an image without the agent: the release
+    # carries it and startup.sh installs it with dpkg (no package repository at boot). None: the image
+    # must bring the agent, or the logs stay in the VM's journal.
+    agent_package: str | None = None
+
+
+@dataclass
 class InfraSettings:
     project: str = MISSING
     region: str = MISSING
@@ -116,6 +130,7 @@ class InfraSettings:
     bucket: BucketSettings = field(default_factory=BucketSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
+    logs: LogsSettings = field(default_factory=LogsSettings)
 
 
 @dataclass
@@ -223,22 +238,6 @@ def _matches(key: str, value: str, pattern: str, what: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid: {what}")
 
 
-def bucket_name_problem(name: str) -> str | None:
-    """Why GCS would reject this bucket name, or None (cloud.google.com/storage/docs/buckets#naming)."""
-    parts = name.split(".")
-    if not (3 <= len(name) <= (222 if len(parts) > 1 else 63)) or any(len(p) > 63 for p in parts):
-        return "3-63 characters (up to 222 with dots, at most 63 between dots)"
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*[a-z0-9]", name):
-        return "only lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
-    if ".." in name or ".-" in name or "-." in name:
-        return "no '..', '.-' or '-.'"
-    if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", name):
-        return "not an IP address"
-    if name.startswith("goog") or re.search(r"g[o0]{2}gle", name):
-        return "must not start with 'goog' or contain 'google' (or close misspellings)"
-    return None
-
-
 def _bucket_name(key: str, name: str) -> None:
     problem = bucket_name_problem(name)
     if problem:
@@ -307,6 +306,25 @@ def _image(i: InfraSettings) -> None:
                           "allowed: one of them (the release's venv would shadow the image's torch)")
 
 
+AGENT_PACKAGE = r"google-cloud-ops-agent_[A-Za-z0-9.+~:-]+_amd64\.deb"
+
+
+def _logs(s: Settings) -> None:
+    """An agent package, when given, is a google-cloud-ops-agent .deb that exists here (make deploy
+    publishes it with the release)."""
+    package = s.infra.logs.agent_package
+    if package is None:
+        return
+    path = s.path(package)
+    if not re.fullmatch(AGENT_PACKAGE, path.name):
+        raise ConfigError(f"infra.logs.agent_package={package!r} is not an Ops Agent package; allowed: a file "
+                          "named google-cloud-ops-agent_<version>_amd64.deb (`apt-get download "
+                          "google-cloud-ops-agent` on the image's OS with Google's repository), or null")
+    if not path.is_file():
+        raise ConfigError(f"infra.logs.agent_package={package!r}: {path} does not exist; download it first, or "
+                          "leave infra.logs.agent_package out (the image must then bring the Ops Agent)")
+
+
 def warnings(s: Settings) -> list[str]:
     """What synth and deploy point out without refusing: choices that cost money or hide problems."""
     found = []
@@ -317,6 +335,10 @@ def warnings(s: Settings) -> list[str]:
         found.append(f"training nodes may run in different zones ({', '.join(sorted(training_zones))}): "
                      f"every all-reduce between them is billed ${s.infra.network.inter_zone_usd_per_gb:g}/GB "
                      f"and is slower; keep them in one zone with topology.workers.zones=[{s.infra.zones[0]}]")
+    if s.infra.logs.enabled and s.infra.logs.agent_package is None:
+        found.append(f"the VMs ship their logs to Cloud Logging only if {s.infra.image.name} brings the Ops "
+                     "Agent (startup.sh logs `ops agent: not installed` otherwise); to carry it in the release: "
+                     "'infra.logs.agent_package=\"<path>/google-cloud-ops-agent_<version>_amd64.deb\"'")
     if not s.infra.alerts.emails:
         found.append("no notification channel: every alert policy notifies nobody; set "
                      "infra.alerts.emails=[you@example.com]")
@@ -363,6 +385,7 @@ def validate(s: Settings) -> None:
     if not 2 <= a.absent_min <= 1440:  # Cloud Monitoring's range for a metric-absence duration
         raise ConfigError(f"infra.alerts.absent_min={a.absent_min} is not allowed; use 2-1440 (minutes)")
     _at_least("infra.alerts.log_metric_wait_s", a.log_metric_wait_s, 0)
+    _logs(s)
     if i.network.inter_zone_usd_per_gb < 0:
         raise ConfigError(f"infra.network.inter_zone_usd_per_gb={i.network.inter_zone_usd_per_gb} must be >= 0")
     for n, email in enumerate(a.emails):
@@ -385,8 +408,9 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"topology.master.checkpoint_disk_gb={m.checkpoint_disk_gb}: a rendezvous-only "
                           "master keeps no checkpoints; allowed: 0")
     _at_least("topology.master.checkpoint_disk_gb", m.checkpoint_disk_gb, 0)
-    _matches("run.name", s.run_id, r"[A-Za-z0-9][A-Za-z0-9._-]*",
-             "letters, digits, '.', '_' or '-' (it names the run's folder in the bucket)")
+    _matches("run.name", s.run_id, RUN_NAME,
+             "letters, digits, '.', '_' or '-', and at most one '/' between two such names, as a sweep's "
+             "jobs have (<sweep>/<index>-...): it names the run's folder in the bucket")
     for override in s.overrides:
         if re.search(r"\s", override):
             raise ConfigError(f"override {override!r} holds whitespace; the VMs receive the overrides "

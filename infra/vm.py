@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from harness import job_end
 from harness.config import ConfigError
+from infra import logs
 from infra.settings import NodeSettings, Settings
 
 PD_DEVICE = "checkpoint-pd"  # the master's checkpoint disk: /dev/disk/by-id/google-checkpoint-pd
@@ -102,6 +103,8 @@ def attributes(settings: Settings, group: Group, *, rdzv_endpoint: str, bucket: 
             # The preflight: the VM booted the Python the wheelhouse was built for, and sees its GPUs.
             "spot-python": settings.infra.image.python, "spot-gpu-count": str(node.gpu_count),
             "spot-run-id": settings.run_id}  # the coordinator reopens this run's rendezvous
+    if settings.infra.logs.enabled:  # startup.sh hands it to the Ops Agent (infra/logs.py)
+        meta[logs.CONFIG_KEY] = logs.agent_config(settings, role)
     if role == "coordinator":
         return meta
     lo, hi = settings.trainer_nodes()
@@ -120,8 +123,10 @@ def attributes(settings: Settings, group: Group, *, rdzv_endpoint: str, bucket: 
 
 
 def metadata(settings: Settings, group: Group, *, scripts: dict[str, str], rdzv_endpoint: str, bucket: str,
-             release: str) -> dict[str, str]:
-    """An instance template's metadata: the scripts and attributes(), every value a literal and
-    escaped, except `rdzv_endpoint` and `bucket`: Terraform references that must stay interpolations."""
-    meta = {**scripts, **attributes(settings, group, rdzv_endpoint=rdzv_endpoint, bucket=bucket, release=release)}
+             release: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """An instance template's metadata: the scripts, attributes() and `extra` (a sweep's queue), every
+    value a literal and escaped, except `rdzv_endpoint` and `bucket`: Terraform references that must
+    stay interpolations."""
+    meta = {**scripts, **attributes(settings, group, rdzv_endpoint=rdzv_endpoint, bucket=bucket, release=release),
+            **(extra or {})}
     return {k: v if k in REFERENCES else literal(v) for k, v in meta.items()}

@@ -8,11 +8,14 @@
 # into a root-only env file; writes and starts one systemd unit:
 #   master, worker: spot-train.service       -> python -m harness.launch <overrides>
 #   coordinator:    spot-rendezvous.service  -> python -m harness.rendezvous --port <port> --run-id <run id>
+# Hands the Ops Agent its config from the metadata (installing the agent from the release when the
+# image has none), so the job's journal reaches Cloud Logging with the run's labels (infra/logs.py);
+# logging never stops a boot.
 # Safe to run again after a reboot or on a recreated VM: nothing that exists is made twice, and a
 # persistent disk that has a filesystem is never formatted.
 #
 # Every external effect goes through curl, mdadm, mkfs.ext4, blkid, mount, mountpoint, systemctl,
-# gcloud, python3 and sha256sum, and every file written lies under $SPOT_ROOT, so it runs unprivileged
+# gcloud, python3, sha256sum and dpkg, and every file written lies under $SPOT_ROOT, so it runs unprivileged
 # against stubs (tests, the local Spot cloud). startup/README.md lists the environment it honours.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -34,6 +37,11 @@ readonly TRAIN_UNIT=spot-train.service
 readonly RDZV_UNIT=spot-rendezvous.service
 readonly PREFLIGHT_UNIT=spot-preflight.service
 readonly PREEMPTED_EXIT=75
+readonly AGENT_CONFIG="$ROOT/etc/google-cloud-ops-agent/config.yaml"
+readonly AGENT_ENGINE="$ROOT/opt/google-cloud-ops-agent/libexec/google_cloud_ops_agent_engine"
+readonly AGENT_UNITS="google-cloud-ops-agent.service google-cloud-ops-agent-fluent-bit.service google-cloud-ops-agent-opentelemetry-collector.service"
+readonly SHUTDOWN_SCRIPTS_UNIT=google-shutdown-scripts.service
+readonly LOGS_DROPIN=spot-logs.conf
 # Characters a path may hold to appear unquoted in a unit file (no whitespace, quotes, $ or %).
 readonly PLAIN_PATH='[A-Za-z0-9_@+=:,./-]*'
 
@@ -105,7 +113,8 @@ read_preflight() {
 
 read_training_job() {
     RUN_ID=$(attr spot-run-id)
-    check spot-run-id "$RUN_ID" '^[A-Za-z0-9][A-Za-z0-9._-]*$' "letters, digits, '.', '_', '-'"
+    check spot-run-id "$RUN_ID" '^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$' \
+        "letters, digits, '.', '_', '-', at most one '/' between two such names (a sweep's <sweep>/<job>)"
     NNODES=$(attr spot-nnodes)
     check spot-nnodes "$NNODES" '^[0-9]+(:[0-9]+)?$' "N or MIN:MAX"
     NPROC=$(attr spot-nproc-per-node)
@@ -230,6 +239,7 @@ prepare_persistent_disk() {
 # is the unit file, rewritten atomically to point at it once it is complete.
 install_release() {
     CONF_DIR=""
+    RELEASE_DIR=""
     if [[ -n ${SPOT_HARNESS_PYTHON:-} ]]; then
         HARNESS_PYTHON=$SPOT_HARNESS_PYTHON
         [[ $HARNESS_PYTHON == /* ]] || HARNESS_PYTHON=$(command -v "$HARNESS_PYTHON") ||
@@ -238,6 +248,7 @@ install_release() {
         return
     fi
     local release_dir="$OPT_DIR/releases/$RELEASE"
+    RELEASE_DIR=$release_dir
     HARNESS_PYTHON="$release_dir/venv/bin/python"
     CONF_DIR="$release_dir/conf"
     if [[ -f $release_dir/.installed ]]; then
@@ -279,15 +290,17 @@ for path, entry in sorted(json.load(open(sys.argv[1]))["files"].items()):
 PY
 }
 
-# download_release DIR: every file the manifest lists, then every sha256 checked.
+# download_release DIR: every file the manifest lists, then every sha256 checked. The wheels and the
+# Ops Agent package are shared by all releases (wheels/, agents/ in the bucket): copied one by one.
 download_release() {
     local sha object path sums="" n=0 failed
-    local -a wheels=()
+    local -a wheels=() agents=()
     log "downloading release $RELEASE from gs://$BUCKET"
     while read -r sha object path; do
-        [[ $sha =~ ^[0-9a-f]{64}$ && $path =~ ^[A-Za-z0-9._+/-]+$ && $path != *..* ]] ||
+        [[ $sha =~ ^[0-9a-f]{64}$ && $path =~ ^[A-Za-z0-9._+/~-]+$ && $path != *..* ]] ||
             die "gs://$BUCKET/releases/$RELEASE/manifest.json lists a malformed entry: $sha $object $path"
         if [[ $path == wheels/* ]]; then wheels+=("gs://$BUCKET/$object"); fi
+        if [[ $path == agents/* ]]; then agents+=("gs://$BUCKET/$object"); fi
         sums+="$sha  $path"$'\n'
         n=$((n + 1))
     done < <(manifest_files "$1/manifest.json")
@@ -296,6 +309,10 @@ download_release() {
     if ((${#wheels[@]})); then
         mkdir -p "$1/wheels"
         gcloud storage cp "${wheels[@]}" "$1/wheels/"
+    fi
+    if ((${#agents[@]})); then
+        mkdir -p "$1/agents"
+        gcloud storage cp "${agents[@]}" "$1/agents/"
     fi
     failed=$(cd "$1" && sha256sum --check --quiet --strict 2>&1 <<<"${sums%$'\n'}") ||
         die "release $RELEASE failed its sha256 check, not installed: ${failed//$'\n'/; }"
@@ -414,6 +431,85 @@ $exec_start
 Restart=always
 RestartSec=5
 EOF
+}
+
+# --- logs -----------------------------------------------------------------------------------------
+
+# The Ops Agent ships the job's journal (this unit, startup.sh, shutdown.sh) to Cloud Logging; its
+# whole config is the instance attribute spot-ops-agent-config (infra/logs.py), labels included.
+# Logging never stops a boot: without the attribute, without the agent, or when the agent does not
+# restart, the script says so and goes on, and the logs stay in this VM's journal.
+read_logs() {
+    LOGS_CONFIG=$(attr spot-ops-agent-config "")
+}
+
+ops_agent_installed() {
+    [[ -x $AGENT_ENGINE ]]
+}
+
+# The drop-in of the job's unit and of the shutdown scripts' unit: the agent starts before them, so
+# at shutdown it stops after them (systemd stops in reverse order) and ships their last lines (the
+# emergency checkpoint, shutdown.sh's verdict).
+logs_dropin() {
+    cat <<EOF
+# Written by startup.sh: the Ops Agent stops after this unit, so its last lines reach Cloud Logging.
+[Unit]
+After=$AGENT_UNITS
+EOF
+}
+
+# configure_logs UNIT: the image's (or the just installed) agent gets the config from the metadata;
+# the file is rewritten and the agent restarted only when the config changed.
+configure_logs() {
+    local dropin tmp
+    if [[ -z $LOGS_CONFIG ]]; then
+        log "ops agent: no spot-ops-agent-config in the metadata: the job's logs stay in this VM's journal"
+        return 0
+    fi
+    if ! ops_agent_installed; then
+        log "ops agent: not in the image (no $AGENT_ENGINE)"
+        return 0
+    fi
+    dropin=$(logs_dropin)
+    install_unit "$1.d/$LOGS_DROPIN" "$dropin"
+    install_unit "$SHUTDOWN_SCRIPTS_UNIT.d/$LOGS_DROPIN" "$dropin"
+    if [[ -f $AGENT_CONFIG && "$(<"$AGENT_CONFIG")" == "$LOGS_CONFIG" ]]; then
+        log "ops agent: $AGENT_CONFIG is unchanged"
+        return 0
+    fi
+    mkdir -p "${AGENT_CONFIG%/*}"
+    tmp=$(mktemp "$AGENT_CONFIG.XXXXXX")
+    printf '%s\n' "$LOGS_CONFIG" >"$tmp"
+    chmod 644 "$tmp"
+    mv -f "$tmp" "$AGENT_CONFIG"
+    # The command the Ops Agent's documentation gives after a config change.
+    if systemctl restart 'google-cloud-ops-agent*'; then
+        log "ops agent: wrote $AGENT_CONFIG and restarted the agent: the job's journal goes to Cloud Logging"
+    else
+        log "ops agent: wrote $AGENT_CONFIG but the agent did not restart (systemctl status" \
+            "'google-cloud-ops-agent*' says why): the job's logs may stay in this VM's journal"
+    fi
+}
+
+# install_ops_agent UNIT: on an image without the agent, the release's package (agents/*.deb, from
+# infra.logs.agent_package) is installed with dpkg, no package repository, then configured.
+install_ops_agent() {
+    local -a debs=()
+    if [[ -z $LOGS_CONFIG ]] || ops_agent_installed; then return 0; fi
+    if [[ -n $RELEASE_DIR ]]; then
+        mapfile -t debs < <(compgen -G "$RELEASE_DIR/agents/google-cloud-ops-agent_*.deb" || true)
+    fi
+    if ((${#debs[@]} != 1)); then
+        log "ops agent: not installed, and release ${RELEASE:-(none)} carries no package" \
+            "(infra.logs.agent_package): the job's logs stay in this VM's journal"
+        return 0
+    fi
+    log "ops agent: installing ${debs[0]##*/} from release $RELEASE"
+    if DEBIAN_FRONTEND=noninteractive dpkg --install --force-confold "${debs[0]}" && ops_agent_installed; then
+        configure_logs "$1"
+    else
+        log "ops agent: dpkg --install ${debs[0]##*/} failed: the job's logs stay in this VM's journal"
+    fi
 }
 
 # --- W&B key --------------------------------------------------------------------------------------
@@ -541,10 +637,11 @@ service_environment() {
     if [[ -n $CONF_DIR ]]; then printf 'Environment=SPOT_CONF_DIR=%s\n' "$CONF_DIR"; fi
 }
 
-# install_unit NAME CONTENT: write the unit only when it differs; sets UNITS_CHANGED.
+# install_unit NAME CONTENT: write the unit (or a drop-in, UNIT.d/FILE) only when it differs; sets
+# UNITS_CHANGED.
 install_unit() {
     local path="$UNIT_DIR/$1"
-    mkdir -p "$UNIT_DIR"
+    mkdir -p "${path%/*}"
     if [[ -f $path && "$(<"$path")" == "$2" ]]; then
         log "$1 is unchanged"
         return
@@ -568,10 +665,14 @@ start_unit() {
 run_coordinator() {
     local unit
     RUN_ID=$(attr spot-run-id)
-    check spot-run-id "$RUN_ID" '^[A-Za-z0-9][A-Za-z0-9._-]*$' "letters, digits, '.', '_', '-'"
+    check spot-run-id "$RUN_ID" '^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$' \
+        "letters, digits, '.', '_', '-', at most one '/' between two such names (a sweep's <sweep>/<job>)"
     if [[ -z ${SPOT_HARNESS_PYTHON:-} ]]; then read_release; fi
     read_preflight
+    read_logs
+    configure_logs "$RDZV_UNIT"
     install_release
+    install_ops_agent "$RDZV_UNIT"
     preflight
     mkdir -p "$OPT_DIR"
     unit=$(rendezvous_unit)
@@ -584,9 +685,12 @@ run_trainer() {
     read_training_job
     read_release
     read_preflight
+    read_logs
+    configure_logs "$TRAIN_UNIT"
     prepare_local_ssd
     if [[ $ROLE == master ]]; then prepare_persistent_disk; fi
     install_release
+    install_ops_agent "$TRAIN_UNIT"
     preflight
     write_env_file
     mkdir -p "$OPT_DIR"

@@ -6,26 +6,37 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from harness.checkpoint.store import LocalStore
 from harness.preemption import PREEMPTED_EXIT_CODE
 from tests import runs
 from tests.test_preemption import CONFIG
 
 
-def test_world_size_2_1_2_consumes_every_sample_exactly_once(tmp_path):
+@pytest.mark.parametrize("incarnations,world_sizes", [
+    ([(2, "ddp", 10), (1, "ddp", 30), (2, "ddp", None)], [2, 1]),
+    ([(2, "fsdp", 10), (1, "fsdp", 30), (2, "fsdp", None)], [2, 1]),  # resharded at each load
+    ([(2, "ddp", 10), (2, "fsdp", 30), (2, "ddp", None)], [2]),  # a DDP checkpoint into FSDP and back
+], ids=["ddp-2-1-2", "fsdp-2-1-2", "ddp-fsdp-ddp"])
+def test_world_size_and_strategy_changes_consume_every_sample_exactly_once(tmp_path, incarnations, world_sizes):
+    """Each incarnation is stopped (SIGTERM: saved, exit 75) after its step and the next one resumes
+    at its own world size and strategy; the last trains to the end."""
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
     overrides = [*CONFIG, f"run.dir={run_dir}", "train.audit_samples=true"]
-    for nproc, stop_after in ((2, 10), (1, 30)):
-        proc = runs.start_launcher(nproc, overrides, log)
+    *stopped, (last_nproc, last_parallelism, _) = incarnations
+    for nproc, parallelism, stop_after in stopped:
+        proc = runs.start_launcher(nproc, [*overrides, f"train.parallelism={parallelism}"], log)
         try:
             runs.wait_for(lambda s=stop_after: runs.logged_step(log, s), what=f"step {stop_after}")
             os.kill(runs.training_workers(proc.pid)[0], signal.SIGTERM)
             assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE, runs.tail(log)
         finally:
             runs.kill_tree(proc.pid)
-    assert runs.run_launcher(2, overrides, log) == 0, runs.tail(log)
+    assert runs.run_launcher(last_nproc, [*overrides, f"train.parallelism={last_parallelism}"], log) == 0, \
+        runs.tail(log)
     summary = runs.summary(run_dir)
-    assert summary["world_sizes"] == [2, 1] and summary["final_step"] == 60
+    assert summary["world_sizes"] == world_sizes and summary["final_step"] == 60
     consumed = []
     for record in (run_dir / "samples").glob("*.txt"):
         for line in record.read_text().splitlines():

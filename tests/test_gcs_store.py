@@ -16,6 +16,8 @@ from google.api_core.exceptions import ServiceUnavailable
 from harness.checkpoint.gcs import GCSStore, parse_gs_url
 from harness.checkpoint.manifest import CorruptCheckpoint, Manifest, file_entry
 from harness.checkpoint.store import CommitConflict, StoreError, open_store
+from harness.config import ConfigError
+from infra import settings as infra_settings
 from tests.gcs_emulator import FakeGCS, fake_gcs, running_fake_gcs  # noqa: F401  (fake_gcs is a fixture)
 
 PREFIX = "runs/exp1"
@@ -280,6 +282,19 @@ def test_malformed_urls(url):
     with pytest.raises(StoreError) as info:
         open_store(url)
     assert repr(url) in str(info.value)
+
+
+@pytest.mark.parametrize(("bucket", "why"), [
+    ("a..b", "no '..'"), ("ab-.cd", "no '..', '.-' or '-.'"), ("my-g00gle-ckpt", "contain 'google'"),
+    ("googley", "start with 'goog'"),
+])
+def test_the_store_refuses_the_bucket_names_infra_refuses(bucket, why):
+    """One rule set (harness/bucket_names.py) for the store and for infra's validation: these names were
+    accepted by the store once while infra rejected them."""
+    with pytest.raises(StoreError, match=f"not a valid bucket name .*{why}"):
+        parse_gs_url(f"gs://{bucket}/run")
+    with pytest.raises(ConfigError, match=f"is not a valid GCS bucket name: .*{why}"):
+        infra_settings.load([f"infra.bucket.name={bucket}"])
 
 
 def test_valid_urls():

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from harness.preemption.health import Health, serve
+from harness.preemption.health import Bounds, Health, serve
 from tests import runs
 
 
@@ -48,18 +48,25 @@ def test_health_endpoint_reports_progress_and_a_stall(tmp_path, served_by):
         proc.wait()
 
 
-def test_health_phases_are_healthy_while_restoring_and_saving():
-    """The phases the loop sets around restore and emergency saves answer 200 however long they take."""
-    health = Health(stall_s=0.0)
+def test_each_phase_answers_200_within_its_own_bound_and_503_beyond_it():
+    """Restoring and saving get their own (longer) bounds than a step; preempted and finished none."""
+    health = Health(Bounds(stall_s=0.05, rendezvous_s=60, restore_s=0.4, save_s=0.4))
     server = serve(health, 0, host="127.0.0.1")
     port = server.server_address[1]
     try:
         for phase in ("starting", "restoring", "saving"):
             health.set_phase(phase)
-            time.sleep(0.01)
-            assert get_health(port) == (200, {**get_health(port)[1], "phase": phase})
+            time.sleep(0.1)
+            code, body = get_health(port)
+            assert (code, body["phase"], body["bound_s"]) == (200, phase, 0.4), "past stall_s, within its bound"
+            time.sleep(0.4)
+            code, body = get_health(port)
+            assert (code, body["phase"]) == (503, phase) and body["phase_s"] >= 0.4
+        health.set_phase("finished")
+        time.sleep(0.5)
+        assert get_health(port)[0] == 200
         health.set_phase("training")
-        time.sleep(0.01)
+        time.sleep(0.1)
         assert get_health(port)[0] == 503
     finally:
         server.shutdown()
@@ -71,7 +78,7 @@ def test_the_launcher_answers_200_rendezvous_while_the_node_waits_for_its_peers(
     port, log = runs.free_port(), tmp_path / "log.txt"
     overrides = [f"run.dir={tmp_path}/run", "launch.standalone=false", "launch.nnodes=2",
                  f"launch.rdzv_endpoint=127.0.0.1:{runs.free_port()}", "health.enabled=true", f"health.port={port}",
-                 "health.stall_s=1"]
+                 "health.stall_s=1", "health.rendezvous_s=6"]
     proc = subprocess.Popen([*runs.launcher_cmd(1, []), *overrides], cwd=runs.REPO, env=runs.env(),
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -80,7 +87,10 @@ def test_the_launcher_answers_200_rendezvous_while_the_node_waits_for_its_peers(
             code, body = get_health(port)
             assert (code, body["phase"]) == (200, "rendezvous"), runs.tail(log)
             time.sleep(1.0)
-        assert body["seconds_since_progress"] > 3 * 1, "three health periods (stall_s=1) have passed"
+        assert body["phase_s"] > 3 * 1, "three health periods (stall_s=1) have passed"
+        code, body = runs.wait_for(lambda: (r := get_health(port))[0] == 503 and r, interval=0.2,
+                                   what="a 503 once the wait outlives health.rendezvous_s")
+        assert body["phase"] == "rendezvous" and body["phase_s"] >= 6, body
     finally:
         runs.kill_tree(proc.pid)
         proc.wait()

@@ -1,6 +1,6 @@
 """The job's end is the deployment's end (harness/job_end.py): real launchers under torchrun write the
 `finished` record, and a relaunch of the finished run trains nothing and resizes the instance groups
-to 0. The Compute API is a local HTTP server that records the calls (tests/fake_compute.py: there is
+to 0. The Compute API is a local HTTP server that records the calls (harness/chaos/compute.py: there is
 no Compute emulator); the VM's metadata is the local Spot cloud's fake metadata server."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from harness import job_end
+from harness.chaos.compute import FakeCompute
 from harness.chaos.metadata import FakeMetadata
 from harness.checkpoint.gcs import GCSStore
 from harness.checkpoint.store import LocalStore, StoreError, step_dirname
 from harness.preemption import metadata
 from tests import runs
-from tests.fake_compute import FakeCompute, fake_compute  # noqa: F401  (a fixture)
 from tests.gcs_emulator import FakeGCS
 
 WORKERS = job_end.group_path("test-proj", "spot-train-workers", region="us-central1")
@@ -30,7 +30,13 @@ SHORT = ["train.max_steps=12", "checkpoint.interval_steps=6"]
 
 
 @pytest.fixture
-def vm(fake_compute: FakeCompute) -> Iterator[dict[str, str]]:  # noqa: F811
+def fake_compute() -> Iterator[FakeCompute]:
+    with FakeCompute() as compute:
+        yield compute
+
+
+@pytest.fixture
+def vm(fake_compute: FakeCompute) -> Iterator[dict[str, str]]:
     """The environment of a training VM: its metadata names both groups; the Compute API is the fake."""
     md = FakeMetadata({job_end.GROUPS_KEY: job_end.format_groups([WORKERS, MASTER])})
     try:

@@ -95,7 +95,7 @@ def test_shrink_trains_on_while_the_preempted_node_is_down_and_grows_back(tmp_pa
     """elastic.on_preemption=shrink: the survivor trains alone while its peer is down, and torchrun
     grows the job again when the recreated node joins; every sample is consumed exactly once."""
     config = ["train.max_steps=600", "checkpoint.interval_steps=20", "train.audit_samples=true",
-              "elastic.on_preemption=shrink", "launch.nnodes=1:2", "launch.rdzv_conf='last_call_timeout=2'"]
+              "elastic.on_preemption=shrink", "launch.nnodes=1:2", "elastic.shrink_last_call_s=2"]
     with running_fake_gcs() as gcs:
         gcs.make_bucket("shrink")
         nodes = TwoNodes(tmp_path, [*config, "run.name=shrink", "checkpoint.store=gs://shrink/job",

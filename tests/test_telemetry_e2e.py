@@ -11,12 +11,12 @@ import time
 
 import pytest
 
+from harness.chaos.monitoring import FakeMonitoring
 from harness.telemetry import metric_names
 from harness.telemetry.goodput import PRODUCTIVE, breakdown
 from harness.telemetry.ledger import read_ledger
 from harness.telemetry.wandb_reader import offline_runs
 from tests import runs
-from tests.telemetry.fake_monitoring import FakeMonitoring
 from tests.test_preemption import preempt_and_resume, signal_worker
 
 DOWNTIME_S = 2.0

@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 from harness import config
 from harness.chaos import report, schedule
 from harness.chaos.cloud import Cloud
-from harness.chaos.differences import differences
 from harness.chaos.reference import Reference
 from infra import settings as infra_settings
 from infra.settings import Settings
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job, cfg, settings = compose(overrides)
         plan = schedule.build(cfg.chaos, sum(group.size for group in groups(settings) if group.spot))
-        cloud = Cloud(cfg, settings, differences(cfg, settings), Path(cfg.chaos.out_dir), plan)
+        cloud = Cloud(cfg, settings, Path(cfg.chaos.out_dir), plan)
     except (config.ConfigError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -14,13 +14,11 @@ It prints `baseline: save|upload|restore ...` lines with their timings for the c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,11 +28,12 @@ import torch.distributed as dist
 from harness import config, distributed
 from harness.batching import BatchPlan
 from harness.checkpoint.gcs import GCSStore, parse_gs_url
-from harness.preemption import NoticeBoard
 from harness.state import Progress, TrainState, model_sha256, seed_everything, unwrap
+from harness.summary import write_summary
 from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
-from harness.train import build, open_audit, train_step
+from harness.telemetry.ledger import ledger_location
+from harness.train import Stepper, autocast_for, build, open_audit
 
 log = logging.getLogger("harness.baseline")
 
@@ -129,33 +128,30 @@ def run(cfg) -> int:
     durable = ckpt.remote.url if ckpt.remote is not None else str(cfg.checkpoint.store)
     tel = Telemetry.start(cfg, rank=d.rank, local_rank=d.local_rank, world_size=d.world_size,
                           node=f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', 0)}",
-                          ledger_location=f"{durable.rstrip('/')}/ledger")
+                          ledger_location=ledger_location(durable))
     tel.event(ev.RENDEZVOUS_DONE, world_size=d.world_size)
     tel.event(ev.RESTORE_START)
     ckpt.restore(state, d)
     tel.event(ev.RESTORE_END, step=state.progress.step)
     plan = BatchPlan.for_world(cfg.train, cfg.elastic, d.world_size)
-    audit = open_audit(cfg, d) if cfg.train.audit_samples else None
-    never = NoticeBoard(cfg.preemption.deadline_s)  # the baseline installs no handler: nothing records a notice
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+    # The baseline installs no notice handler: its steps are never abandoned.
+    stepper = Stepper(model, optimizer, dataset, plan, d, cfg, autocast_for(d),
+                      open_audit(cfg, d) if cfg.train.audit_samples else None)
     interval = int(cfg.chaos.baseline.interval_steps)
     model.train()
     while state.progress.step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        train_step(model, optimizer, dataset, plan, state, d, cfg, never, autocast, audit)
+        stepper.step(state)
         tel.on_step(state.progress.step, time.perf_counter() - t0)
         if d.is_main and (state.progress.step % interval == 0 or state.progress.step == cfg.train.max_steps):
             t1 = time.perf_counter()
             ckpt.save(state)
             tel.event(ev.CKPT_BLOCK, step=state.progress.step, seconds=time.perf_counter() - t1)
-    tel.close(0)
+    sha = model_sha256(model)
     if d.is_main:
-        run_dir = Path(cfg.run.dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"final_step": state.progress.step, "model_sha256": model_sha256(model),
-                   "wall_seconds": round(time.time() - started, 3), "restarts": state.progress.restarts,
-                   "world_sizes": [d.world_size], "sample_index": state.progress.sample_index}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary(Path(cfg.run.dir), tel, final_step=state.progress.step, model_sha256=sha, started=started,
+                      sample_index=state.progress.sample_index)
+    tel.close(0)
     distributed.shutdown(d)
     return 0
 

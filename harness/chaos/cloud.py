@@ -9,8 +9,16 @@ GCP), tails the trainers' sample audit, and replays the preemption schedule on t
 way: at T the VM's `instance/preempted` turns TRUE and its shutdown script runs (which SIGTERMs the
 trainer); the VM stops when its shutdown is done, or is killed outright at T + notice_s, and its
 disks are gone. Like a MIG, the cloud recreates a stopped Spot VM (same name, blank disks) after
-`recreate_s`. It stops when the job has written its summary and every trainer has exited, or at
-`max_duration_s`.
+`recreate_s`, and autoheals: it probes each VM as the deployment's health check does (GET /healthz
+on trainers, a TCP connect to the store on the coordinator) every `chaos.health_interval_s` once
+`chaos.health_initial_delay_s` has passed since the boot, and recreates a VM after
+`infra.health_check.unhealthy_threshold` failures in a row. The instance groups' target sizes live
+in a local Compute API (compute.py) that the job's end resizes through (harness/job_end.py): a
+group at size 0 recreates nothing and its VMs are deleted once their unit has ended. The job's
+metrics go to a local Cloud Monitoring server (monitoring.py). The cloud stops when the job has
+written its summary and every trainer has exited, or at `max_duration_s`; with
+`chaos.boot_after_end` it then boots one Spot VM again (a recreate racing the resize), which must
+exit without training.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import json
 import os
 import socket
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +38,15 @@ from omegaconf import DictConfig
 
 from harness.chaos import differences
 from harness.chaos.audit import AuditTail
+from harness.chaos.compute import FakeCompute
 from harness.chaos.differences import Difference
 from harness.chaos.gcs import FakeGCSServer, free_port
+from harness.chaos.monitoring import FakeMonitoring
 from harness.chaos.schedule import Preemption
 from harness.chaos.systemctl import unit_exits
 from harness.chaos.vm import SSD_NAME, TRAIN_UNIT, Vm, VmSpec
-from harness.telemetry.ledger import read_ledger
+from harness.job_end import ENDPOINT_ENV
+from harness.telemetry.ledger import ledger_location, read_ledger
 from infra import vm as infra_vm
 from infra.settings import Settings
 
@@ -92,6 +105,9 @@ class Outcome:
     logs: Path
     world_size: int
     vms: list[dict[str, Any]]
+    groups: list[dict[str, Any]]  # per instance group: role, path, size at the start and at the end
+    monitoring_series: int  # time series the job wrote to the local Cloud Monitoring server
+    after_end: dict[str, Any] | None  # chaos.boot_after_end: the late VM's name, unit exits, steps it trained
 
 
 @dataclass
@@ -99,14 +115,18 @@ class Slot:
     """A VM name that the cloud keeps filled (one MIG instance, the master or the coordinator)."""
 
     spec: VmSpec
+    group: str  # the instance group's resource path (infra/vm.py's group_paths)
     vm: Vm | None = None
     boots: int = 0
     preemptions: int = 0
     rank0_preemptions: int = 0  # preemptions of a boot that ran global rank 0
-    state: str = "down"  # booting | up | preempted | down
+    autoheals: int = 0  # recreated after failing the health check
+    state: str = "down"  # booting | up | preempted | down | deleted
     since: float = 0.0
     recreate_at: float | None = None
     next_check: float = 0.0
+    next_probe: float = 0.0
+    failed_probes: int = 0
 
     @property
     def trains(self) -> bool:
@@ -120,7 +140,6 @@ class Slot:
 class Cloud:
     cfg: DictConfig  # the composed config; `chaos.*` drives the cloud
     settings: Settings  # the deployment of the same job and topology (infra/settings.py)
-    found: list[Difference]  # what differs from that deployment (differences.py)
     out: Path
     schedule: list[Preemption]  # over the Spot VMs, in their order
     events: list[Event] = field(default_factory=list)
@@ -130,9 +149,15 @@ class Cloud:
         self.out = self.out.resolve()
         self.tag = uuid.uuid4().hex[:8]
         self.audit = AuditTail()
-        self.rdzv_port = free_port()
-        self.slots = [Slot(spec) for spec in vm_specs(self.settings, self.found, f"127.0.0.1:{self.rdzv_port}",
-                                                      self.out / "vms")]
+        self.rdzv_port, self.monitoring_port = free_port(), free_port()
+        # What differs from the deployment (differences.py), addresses included.
+        self.found = differences.differences(self.cfg, self.settings,
+                                             monitoring_endpoint=f"127.0.0.1:{self.monitoring_port}")
+        paths = infra_vm.group_paths(self.settings)
+        self.slots = [Slot(spec, paths[spec.role])
+                      for spec in vm_specs(self.settings, self.found, f"127.0.0.1:{self.rdzv_port}", self.out / "vms")]
+        self.initial_sizes = {group: sum(s.group == group for s in self.slots) for group in paths.values()}
+        self.health_check = self.settings.infra.health_check
         self.trainers = [s for s in self.slots if s.trains]
         self.spot = [s for s in self.slots if s.spec.spot]
         self.world_size = sum(int(s.spec.attributes["spot-nproc-per-node"]) for s in self.trainers)
@@ -142,8 +167,12 @@ class Cloud:
     def run(self) -> Outcome:
         gcs = FakeGCSServer(workdir=self.out / "gcs").start()
         gcs.make_bucket(self.settings.infra.bucket.name)
-        self.env = {"STORAGE_EMULATOR_HOST": gcs.host, "PYTHONPYCACHEPREFIX": str(PYCACHE)}
+        self.compute = FakeCompute(self.initial_sizes)
+        monitoring = FakeMonitoring(port=self.monitoring_port).start()
+        self.env = {"STORAGE_EMULATOR_HOST": gcs.host, "PYTHONPYCACHEPREFIX": str(PYCACHE),
+                    ENDPOINT_ENV: self.compute.endpoint}
         first, workers = self.slots[0], self.slots[1:]
+        after_end = None
         try:
             # The job's wall time starts with its first training VM; a coordinator is infrastructure.
             start = time.time()
@@ -157,6 +186,9 @@ class Cloud:
                 time.sleep(float(self.chaos.boot_stagger_s) if i else 0.0)
                 self._boot(slot, time.time())
             finished, summary, clock = self._loop(start)
+            end = time.time()
+            if finished and self.chaos.boot_after_end and self.spot:
+                after_end = self._boot_after_end(self.spot[0])
             ledger = self._read_ledger(gcs.host)
             (self.out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger))
         finally:
@@ -164,8 +196,14 @@ class Cloud:
                 if slot.vm is not None:
                     slot.vm.delete()
             gcs.close()
-        return Outcome(start, time.time(), clock, finished, self.events, self.audit, summary, ledger,
-                       self.schedule, self.out / "logs", self.world_size, [self._record(s) for s in self.slots])
+            self.compute.close()
+            monitoring.stop()
+        groups = [{"role": role, "path": path, "size": self.initial_sizes[path],
+                   "final_size": self.compute.sizes.get(path)}
+                  for role, path in infra_vm.group_paths(self.settings).items()]
+        return Outcome(start, end, clock, finished, self.events, self.audit, summary, ledger, self.schedule,
+                       self.out / "logs", self.world_size, [self._record(s) for s in self.slots], groups,
+                       len(monitoring.series()), after_end)
 
     def _record(self, slot: Slot) -> dict[str, Any]:
         """The report's entry for one VM; `unit_exits` are its unit's main-process exits over all boots."""
@@ -173,7 +211,7 @@ class Cloud:
         unit = UNITS.get(spec.role, TRAIN_UNIT)
         return {"name": spec.name, "role": spec.role, "provisioning": "SPOT" if spec.spot else "STANDARD",
                 "boots": slot.boots, "preemptions": slot.preemptions, "rank0_preemptions": slot.rank0_preemptions,
-                "unit": unit, "unit_exits": [code for n in range(1, slot.boots + 1)
+                "autoheals": slot.autoheals, "unit": unit, "unit_exits": [code for n in range(1, slot.boots + 1)
                                              for code in unit_exits(slot.logs(self.out, n), unit)]}
 
     def _loop(self, start: float) -> tuple[bool, dict | None, float | None]:
@@ -183,30 +221,47 @@ class Cloud:
         poll_s, deadline = float(self.chaos.poll_s), start + float(self.chaos.max_duration_s)
         while True:
             now = time.time()
-            for slot in self.trainers:
+            for slot in self.slots:
                 self._tend(slot, now)
             if clock is None:
                 clock = self.audit.first_step_time()
             while clock is not None and summary_seen is None and pending and clock + pending[0].at_s <= now:
-                self._preempt(self.spot[pending.pop(0).vm], now)
-            if summary_seen is None and self._summary() is not None:
+                due = pending[0]
+                target = self.spot[due.vm]
+                if due.phase is not None and self._phase(target) != due.phase:
+                    break  # not yet in that phase: later entries wait behind this one
+                self._preempt(target, now, pending.pop(0).phase)
+            if summary_seen is None and (summary := self._summary()) is not None:
                 summary_seen = now
                 self._event(now, "finished", "job", "summary.json written")
             if summary_seen is not None and (
-                    all(s.vm is not None and s.vm.trainer_finished() for s in self.trainers)
+                    all(s.vm is None or s.vm.trainer_finished() for s in self.trainers)
                     or now > summary_seen + FINISH_GRACE_S):
-                return True, self._summary(), clock
+                self._delete_retired(time.time())
+                return True, summary, clock
             if now > deadline:
                 self._event(now, "timeout", "job", f"chaos.max_duration_s={self.chaos.max_duration_s} reached")
                 return False, None, clock
             time.sleep(poll_s)
 
     def _tend(self, slot: Slot, now: float) -> None:
-        """Advance one training VM's slot: notice its boot, tail its audit, power it off, recreate it."""
+        """Advance one VM's slot: notice its boot, tail its audit, probe its health, power it off,
+        recreate it; a slot whose group was resized to 0 is deleted once its unit has ended."""
         vm = slot.vm
-        if vm is not None:
+        if vm is not None and slot.trains:
             self.audit.poll(self._label(slot), vm.run_dir, now)
-        if slot.state == "booting" and vm is not None and (code := vm.booted()) is not None:
+        if self.compute.sizes.get(slot.group, 1) == 0 and slot.state != "deleted":
+            # Deleted once its unit has ended; the store's host once every trainer's has (their agents'
+            # exit barrier goes through it, as a MIG's graceful delete gives them time to).
+            ended = vm is None or slot.state == "preempted" or (
+                vm.trainer_finished() if slot.trains
+                else all(t.vm is None or t.vm.trainer_finished() for t in self.trainers))
+            if ended:
+                self._delete(slot, now)
+            return
+        if slot.state == "up" and vm is not None and now >= slot.next_probe:
+            self._probe(slot, now)
+        elif slot.state == "booting" and vm is not None and (code := vm.booted()) is not None:
             if code == 0:
                 self._event(now, "up", slot.spec.name, f"startup.sh done in {now - slot.since:.1f}s")
                 slot.state, slot.since = "up", now
@@ -221,6 +276,77 @@ class Cloud:
                 self._power_off(slot, now, f"{how}, {now - slot.since:.1f}s after the notice")
         elif slot.state == "down" and slot.recreate_at is not None and now >= slot.recreate_at:
             self._boot(slot, now)
+
+    def _probe(self, slot: Slot, now: float) -> None:
+        """The deployment's health check, time-compressed: HTTP /healthz on a trainer, TCP on the store."""
+        check = self.health_check
+        slot.next_probe = now + float(self.chaos.health_interval_s)
+        if now < slot.since + float(self.chaos.health_initial_delay_s):
+            return
+        timeout = min(1.0, float(check.timeout_s))
+        if slot.trains:
+            port = int(slot.spec.attributes["spot-health-port"])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as resp:
+                    healthy = resp.status == 200
+            except (OSError, urllib.error.URLError):
+                healthy = False
+        else:
+            try:
+                with socket.create_connection(("127.0.0.1", self.rdzv_port), timeout=timeout):
+                    healthy = True
+            except OSError:
+                healthy = False
+        slot.failed_probes = 0 if healthy else slot.failed_probes + 1
+        if slot.failed_probes >= int(check.unhealthy_threshold):
+            slot.autoheals += 1
+            slot.failed_probes = 0
+            self._event(now, "autoheal", slot.spec.name, f"{check.unhealthy_threshold} failed health checks")
+            self._power_off(slot, now, "recreated by autohealing")
+
+    def _phase(self, slot: Slot) -> str | None:
+        """The phase the VM's /healthz reports now, None when it does not answer."""
+        if slot.vm is None or slot.state not in ("booting", "up") or not slot.trains:
+            return None
+        port = int(slot.spec.attributes["spot-health-port"])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1.0) as resp:
+                return json.loads(resp.read()).get("phase")
+        except urllib.error.HTTPError as err:
+            return json.loads(err.read() or b"{}").get("phase")
+        except (OSError, ValueError):
+            return None
+
+    def _delete(self, slot: Slot, now: float) -> None:
+        """The MIG was resized to 0: the VM is deleted and never recreated."""
+        if slot.vm is not None:
+            slot.vm.kill()
+            if slot.trains:
+                self.audit.poll(self._label(slot), slot.vm.run_dir, time.time())
+            slot.vm.delete()
+            slot.vm = None
+            self._event(now, "deleted", slot.spec.name, "its instance group was resized to 0")
+        slot.state, slot.since, slot.recreate_at = "deleted", now, None
+
+    def _delete_retired(self, now: float) -> None:
+        for slot in self.slots:
+            if self.compute.sizes.get(slot.group, 1) == 0 and slot.state != "deleted":
+                self._delete(slot, now)
+
+    def _boot_after_end(self, slot: Slot) -> dict[str, Any]:
+        """A VM that boots after the job's end (a recreate racing the resize): it must find the finished
+        record, exit without training, and resize the groups again."""
+        before = len(self.audit.records)
+        slot.state = "down"
+        self._boot(slot, time.time())
+        deadline = time.monotonic() + float(self.chaos.boot_timeout_s) + FINISH_GRACE_S
+        while slot.vm is not None and not slot.vm.trainer_finished() and time.monotonic() < deadline:
+            self.audit.poll(self._label(slot), slot.vm.run_dir)
+            time.sleep(float(self.chaos.poll_s))
+        self._delete(slot, time.time())
+        unit = UNITS.get(slot.spec.role, TRAIN_UNIT)
+        return {"vm": slot.spec.name, "boot": slot.boots, "steps_trained": len(self.audit.records) - before,
+                "unit_exits": unit_exits(slot.logs(self.out, slot.boots), unit)}
 
     def _boot(self, slot: Slot, now: float) -> None:
         slot.boots += 1
@@ -242,7 +368,7 @@ class Cloud:
         slot.state = "up"
         self._event(time.time(), "up", slot.spec.name, "startup.sh done")
 
-    def _preempt(self, slot: Slot, now: float) -> None:
+    def _preempt(self, slot: Slot, now: float, phase: str | None = None) -> None:
         if slot.state not in ("booting", "up") or slot.vm is None:
             self._event(now, "missed", slot.spec.name, f"preemption due while the VM is {slot.state}")
             return
@@ -253,16 +379,17 @@ class Cloud:
         holds = bool(rank0) and rank0[-1].source.startswith(f"{self._label(slot)}/")
         slot.rank0_preemptions += holds
         self._event(now, "preempt", slot.spec.name, f"notice {self.chaos.notice_s}s"
-                    + (", holds global rank 0" if holds else ""))
+                    + (", holds global rank 0" if holds else "") + (f", during {phase}" if phase else ""))
 
     def _power_off(self, slot: Slot, now: float, why: str) -> None:
         """The VM is gone: read its audit one last time, kill it, wipe its disks; the MIG recreates it."""
         assert slot.vm is not None
         slot.vm.kill()
-        self.audit.poll(self._label(slot), slot.vm.run_dir, time.time())
+        if slot.trains:
+            self.audit.poll(self._label(slot), slot.vm.run_dir, time.time())
         slot.vm.delete()
         slot.vm = None
-        slot.state, slot.since = "down", now
+        slot.state, slot.since, slot.failed_probes = "down", now, 0
         slot.recreate_at = now + float(self.chaos.recreate_s)
         self._event(now, "off", slot.spec.name, why)
 
@@ -286,7 +413,7 @@ class Cloud:
         previous = os.environ.get("STORAGE_EMULATOR_HOST")
         os.environ["STORAGE_EMULATOR_HOST"] = gcs_host
         try:
-            return read_ledger(f"gs://{self.settings.infra.bucket.name}/runs/{self.settings.run_id}/checkpoints/ledger")
+            return read_ledger(ledger_location(f"gs://{self.settings.infra.bucket.name}/runs/{self.settings.run_id}/checkpoints"))
         except Exception:  # noqa: BLE001 - a missing or unreadable ledger only means no ledger breakdown
             return []
         finally:

@@ -11,7 +11,10 @@ Two views of where the time went:
 - `ledger`: the job's own goodput ledger (harness/telemetry), when the trainer keeps one in the bucket.
 `goodput` is the ledger's when there is one, else the observer's.
 `topology` and `vms` show the deployment that ran (one entry per VM: role, provisioning, boots,
-preemptions, its unit's exit codes), `differences_from_deploy` what the local cloud changed in it.
+preemptions, autoheals, its unit's exit codes), `groups` each instance group's size at the start and
+at the end (the job's end resizes them to 0), `after_end` the VM booted after the end (with
+`chaos.boot_after_end`), `monitoring_series` the time series the job wrote to the local Cloud
+Monitoring server, `differences_from_deploy` what the local cloud changed in the deployment.
 """
 
 from __future__ import annotations
@@ -112,10 +115,15 @@ def build(outcome: Outcome, chaos, settings: Settings, found: list[Difference],
         "trainer": chaos.trainer,
         "topology": topology(settings, outcome),
         "vms": outcome.vms,
+        "groups": outcome.groups,
+        "after_end": outcome.after_end,
+        "monitoring_series": outcome.monitoring_series,
+        "autoheals": kinds.count("autoheal"),
         "differences_from_deploy": [d.as_dict() for d in found],
         "schedule": {"mtbi_s_per_vm": float(chaos.mtbi_s), "seed": int(chaos.seed), "notice_s": float(chaos.notice_s),
                      "recreate_s": float(chaos.recreate_s), "explicit": bool(chaos.get("preemptions")),
-                     "planned": [{"at_s": p.at_s, "vm": p.vm} for p in outcome.schedule],
+                     "planned": [{"at_s": p.at_s, "vm": p.vm, **({"phase": p.phase} if p.phase else {})}
+                                 for p in outcome.schedule],
                      "clock_starts_at_s": None if outcome.clock is None else round(outcome.clock - outcome.start, 3)},
         "wall_s": round(outcome.end - outcome.start, 3),
         "preemptions": kinds.count("preempt"),
@@ -125,6 +133,7 @@ def build(outcome: Outcome, chaos, settings: Settings, found: list[Difference],
         "lost_steps": outcome.audit.lost_steps(),
         "repeated_samples": outcome.audit.repeated_samples(),
         "final_step": summary.get("final_step"),
+        "summary": outcome.summary,  # the job's summary.json (final_loss, cost, W&B run id): harness/sweep reads it
         "world_sizes": summary.get("world_sizes"),
         "model_sha256": sha,
         "reference_model_sha256": reference_sha,
@@ -150,7 +159,8 @@ def write(report: dict[str, Any], outcome: Outcome, out: Path) -> tuple[Path, Pa
 
 def _vm_spans(report: dict[str, Any], end_s: float) -> dict[str, list[tuple[float, float, str]]]:
     """Per VM: (start, end, state) spans from the event list."""
-    state_of = {"boot": "booting", "recreate": "booting", "up": "up", "preempt": "notice", "off": "down"}
+    state_of = {"boot": "booting", "recreate": "booting", "up": "up", "preempt": "notice", "off": "down",
+                "deleted": "down"}
     spans: dict[str, list[tuple[float, float, str]]] = {}
     current: dict[str, tuple[float, str]] = {}
     for e in report["events"]:

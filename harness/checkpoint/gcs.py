@@ -17,7 +17,6 @@ import base64
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import threading
@@ -38,6 +37,7 @@ from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from harness.bucket_names import bucket_name_problem
 from harness.checkpoint.manifest import MANIFEST, CorruptCheckpoint, FileEntry, Manifest
 from harness.checkpoint.store import (
     QUARANTINE,
@@ -62,29 +62,6 @@ _LATEST_TRIES = 5
 _PROBE_DEADLINE_S = 5.0  # check_access answers quickly even when the endpoint is unreachable
 # What a GCS call can fail with once its retries are spent (requests' errors are OSErrors).
 _FAILURES = (api.GoogleAPIError, GoogleAuthError, DataCorruption, OSError)
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
-_BUCKET_RULES = (
-    "a bucket name has 3-63 characters (up to 222 with dots, 63 between dots): lowercase letters, "
-    "digits, '-', '_' and '.', starts and ends with a letter or digit, is not an IP address and "
-    "does not start with 'goog' or contain 'google'"
-)
-
-
-def _bucket_problem(bucket: str) -> str | None:
-    if not bucket:
-        return "no bucket name"
-    dotted = "." in bucket
-    if (
-        not _BUCKET.match(bucket)
-        or len(bucket) < 3
-        or len(bucket) > (222 if dotted else 63)
-        or any(len(part) > 63 for part in bucket.split("."))
-        or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket)
-        or bucket.startswith("goog")
-        or "google" in bucket
-    ):
-        return f"invalid bucket name {bucket!r}"
-    return None
 
 
 def parse_gs_url(url: str) -> tuple[str, str]:
@@ -93,8 +70,8 @@ def parse_gs_url(url: str) -> tuple[str, str]:
         raise StoreError(f"checkpoint store {url!r}: not a gs:// URL; use gs://bucket/prefix")
     bucket, _, prefix = url[len("gs://") :].partition("/")
     prefix = prefix.strip("/")
-    if problem := _bucket_problem(bucket):
-        raise StoreError(f"checkpoint store {url!r}: {problem}; use gs://bucket/prefix where {_BUCKET_RULES}")
+    if problem := bucket_name_problem(bucket):
+        raise StoreError(f"checkpoint store {url!r}: not a valid bucket name ({problem}); use gs://bucket/prefix")
     if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
         raise StoreError(
             f"checkpoint store {url!r}: the prefix may not have empty, '.' or '..' parts; use gs://bucket/a/b"

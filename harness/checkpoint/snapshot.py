@@ -3,7 +3,9 @@
 This copy is the only part of a periodic save the train loop waits for. Allocating (especially
 pinned) host memory costs seconds per GB, so buffers live across saves and are reallocated only when
 a tensor's shape or dtype changes. On GPU the buffers are pinned and the copies are asynchronous,
-then one synchronize; on CPU the copy is a memcpy.
+then one synchronize; on CPU the copy is a memcpy. A sharded tensor (DTensor, under FSDP) is copied as
+its local shard only and handed to DCP as a DTensor of the same layout, so each rank holds and writes
+1/world size of it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import copy
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class Snapshotter:
@@ -33,6 +36,9 @@ class Snapshotter:
 
         def copy_tree(node: Any, path: str) -> Any:
             nonlocal any_cuda
+            if isinstance(node, DTensor):
+                local = copy_tree(node.to_local(), path)
+                return DTensor(local, node._spec, requires_grad=False)  # torch's own CPU offload does the same
             if isinstance(node, torch.Tensor):
                 buf = self._buffer_for(path, node)
                 any_cuda |= node.is_cuda

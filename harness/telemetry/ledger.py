@@ -30,6 +30,12 @@ from harness.telemetry import events as ev
 from harness.telemetry.backoff import Backoff
 
 SUFFIX = ".jsonl"
+FOLDER = "ledger"
+
+
+def ledger_location(durable_url: str) -> str:
+    """Where a job's ledger lives: beside the checkpoints, in the store's durable tier."""
+    return f"{durable_url.rstrip('/')}/{FOLDER}"
 
 
 def new_incarnation_id(rank: int) -> str:

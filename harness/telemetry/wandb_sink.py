@@ -4,6 +4,7 @@ every incarnation re-attaches with `resume="allow"`.
 All wandb calls (init included, which can take seconds or fail when online) run on one background
 thread fed by a bounded queue: `log_step` and `log_job` only enqueue, so the training loop pays a
 queue put. Rows wait in the queue while W&B comes up; a full queue drops (and counts) new rows.
+A sweep's jobs share `wandb.group` (the sweep's name), so W&B shows them side by side.
 Charts use the training step as their x axis (`define_metric(..., step_metric=STEP)`) rather than
 wandb's internal step, so steps recomputed after a restart are accepted, not dropped.
 """
@@ -105,7 +106,7 @@ class WandbSink:
             run = wandb.init(
                 project=self.cfg.get("project"), entity=self.cfg.get("entity"), dir=self.cfg.get("dir"),
                 mode=self.cfg.get("mode", "offline"), id=self.run_id, resume="allow", name=self.name,
-                config=self.config, allow_val_change=True,
+                group=self.cfg.get("group"), config=self.config, allow_val_change=True,
                 settings=wandb.Settings(console="off", silent=True, save_code=False, disable_git=True,
                                         x_disable_stats=True, x_disable_machine_info=True),
             )

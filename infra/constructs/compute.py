@@ -8,6 +8,10 @@ size-1 MIG with a fixed name and internal IP, so the rendezvous endpoint never c
 - A preempted Spot worker is recreated by its MIG (termination action DELETE) or restarted (STOP).
 - The master's checkpoint disk is a stateful disk: it survives autohealing and recreation, and is
   deleted only with the MIG (`make destroy`).
+- In a sweep (infra/sweep.py) there is one Compute per job: `workers_size` is the worker group's size
+  at creation (0 for a queued job), after which the sweep's queue owns it (Terraform ignores its
+  target size: a job's end and the next job's start resize it), and `trainer_metadata` (the queue)
+  goes into the templates of the nodes that train.
 """
 
 from __future__ import annotations
@@ -73,9 +77,11 @@ class Role:
 
 class Compute(Construct):
     def __init__(self, scope: Construct, id_: str, settings: Settings, network: Network, identities: Identities,
-                 bucket: StorageBucket, scripts: dict[str, str], release: str):
+                 bucket: StorageBucket, scripts: dict[str, str], release: str, *, workers_size: int | None = None,
+                 trainer_metadata: dict[str, str] | None = None):
         super().__init__(scope, id_)
         self._s, self._network = settings, network
+        self._workers_size, self._trainer_metadata = workers_size, dict(trainer_metadata or {})
         self._bindings = identities.bindings
         i = settings.infra
         self.rdzv_address = ComputeAddress(self, "rdzv-address", name=f"{i.name}-rdzv", address_type="INTERNAL",
@@ -126,7 +132,9 @@ class Compute(Construct):
         gpu = bool(node.gpu_count)
         return ComputeInstanceTemplate(
             self, f"{group.role}-template", name_prefix=f"{i.name}-{group.role}-", machine_type=node.machine_type,
-            labels={"role": group.role}, disk=disks, metadata=vm.metadata(self._s, group, **self._vm),
+            labels={"role": group.role}, disk=disks,
+            metadata=vm.metadata(self._s, group, **self._vm,
+                                 extra=self._trainer_metadata if group.role != "coordinator" else None),
             guest_accelerator=[ComputeInstanceTemplateGuestAccelerator(type=node.gpu_type, count=node.gpu_count)]
             if gpu else None,
             scheduling=ComputeInstanceTemplateScheduling(
@@ -181,7 +189,10 @@ class Compute(Construct):
             region=i.region,
             version=[ComputeRegionInstanceGroupManagerVersion(instance_template=self._template(role).id,
                                                               name="primary")],
-            target_size=role.group.size, distribution_policy_zones=zones,
+            target_size=role.group.size if self._workers_size is None else self._workers_size,
+            lifecycle=None if self._workers_size is None
+            else TerraformResourceLifecycle(ignore_changes=["target_size"]),
+            distribution_policy_zones=zones,
             distribution_policy_target_shape=w.distribution,
             auto_healing_policies=ComputeRegionInstanceGroupManagerAutoHealingPolicies(
                 health_check=check.id, initial_delay_sec=i.health_check.initial_delay_s),

@@ -22,7 +22,7 @@ from torch.distributed import TCPStore
 from harness import config
 from harness.chaos.__main__ import compose
 from harness.chaos.cloud import RELEASE, vm_specs
-from harness.chaos.differences import JOB, METADATA, differences
+from harness.chaos.differences import CATEGORIES, JOB, METADATA, differences
 from harness.chaos.metadata import FakeMetadata
 from harness.chaos.schedule import Preemption, build, explicit, exponential
 from harness.checkpoint.gcs import GCSStore
@@ -118,9 +118,10 @@ def test_each_vm_gets_the_deployments_metadata_changed_only_as_listed(topology: 
     """The local cloud's VMs are the deployment's groups with infra/vm.py's metadata; every attribute
     that differs is in the one list, and no launch, restart, health or checkpoint setting does."""
     job, cfg, settings = compose([f"topology={topology}"])
-    found = differences(cfg, settings)
+    found = differences(cfg, settings, monitoring_endpoint="127.0.0.1:4001")
     listed = {d.key for d in found}
     assert not [d.key for d in found if d.kind == JOB and d.key.split(".")[0] in UNTOUCHABLE]
+    assert {d.category for d in found} <= set(CATEGORIES), "only time compression, addresses and stubs"
     specs = vm_specs(settings, found, "127.0.0.1:4000", tmp_path)
     master, workers = infra_vm.groups(settings)
     assert [(s.name, s.role, s.spot) for s in specs] == [
@@ -169,6 +170,11 @@ def assert_finished_and_rejoined(report: dict, context: str, world_size: int) ->
     assert sum(vm["preemptions"] for vm in workers) >= 2 and all(vm["boots"] >= 2 for vm in workers), context
     assert all(vm["unit_exits"][-1:] == [0] for vm in workers), context  # each trained to the end
     assert [d["key"] for d in report["differences_from_deploy"]] and report["topology"]["world_size"] == world_size
+    assert {d["category"] for d in report["differences_from_deploy"]} <= set(CATEGORIES), context
+    # The job's end resized every instance group to 0 through the (local) Compute API; the job's metrics
+    # reached the (local) Cloud Monitoring server; no healthy VM was recreated by autohealing.
+    assert [g["final_size"] for g in report["groups"]] == [0] * len(report["groups"]), context
+    assert report["monitoring_series"] > 0 and report["autoheals"] == 0, context
     # The ledger (what W&B and Monitoring see) and the local cloud's own observer tell the same story.
     # The observer's span starts at the first VM boot, the ledger's at the first trainer's start: in a
     # two-minute run the ~20 s of boot before any trainer is a visible share (measured: 0.450 vs 0.506).
@@ -183,9 +189,18 @@ def test_short_chaos_run_is_exact_and_loses_no_step(tmp_path: Path):
     and recreated; the master never stops (one boot, no 75 from its unit), the recreated workers
     rejoin, the model equals the uninterrupted reference, and no step is computed twice."""
     out = tmp_path / "chaos"
-    report, context = run_chaos(out, "topology=hybrid", "chaos.name=hybrid")
+    report, context = run_chaos(out, "topology=hybrid", "chaos.name=hybrid", "chaos.boot_after_end=true")
     assert report["topology"]["name"] == "hybrid"
     vms = assert_finished_and_rejoined(report, context, world_size=3)
+    # A Spot VM booted after the end (a recreate racing the resize) finds the finished record: no step.
+    # Otherwise nothing boots after the end: the groups are at 0, and their VMs are deleted, not recreated.
+    late = report["after_end"]
+    assert late["steps_trained"] == 0 and late["unit_exits"] == [0], context
+    end = next(e["t_s"] for e in report["events"] if e["kind"] == "finished")
+    boots_after = [(e["vm"], e["detail"]) for e in report["events"] if e["kind"] in ("boot", "recreate")
+                   and e["t_s"] > end]
+    assert boots_after == [(late["vm"], f"boot {late['boot']}")], context
+    assert {e["vm"] for e in report["events"] if e["kind"] == "deleted"} == set(vms), context
     master = vms["master"]
     assert (master["role"], master["provisioning"], master["boots"]) == ("master", "STANDARD", 1), context
     assert master["preemptions"] == 0 and 75 not in master["unit_exits"], context
@@ -195,20 +210,38 @@ def test_short_chaos_run_is_exact_and_loses_no_step(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_all_spot_run_survives_a_preemption_of_the_node_holding_rank_0(tmp_path: Path):
-    """`make chaos ARGS="topology=all_spot"`, shortened: the coordinator hosts the store, worker-0
-    (global rank 0 from the first round) is preempted first, worker-1 after; both come back, the job
-    ends exact, and the coordinator never restarts."""
+def test_all_spot_fsdp_run_survives_a_dense_schedule_and_a_preemption_of_the_node_holding_rank_0(tmp_path: Path):
+    """`make chaos ARGS="topology=all_spot train.parallelism=fsdp"` on the short dense case: worker-0
+    (global rank 0 from the first round) and worker-1 are preempted 1.5 s apart, then worker-0 again
+    while it waits in the rendezvous after its recreate (the schedule that once closed the rendezvous
+    for good); both come back, the sharded job ends exact, and the coordinator never restarts."""
     out = tmp_path / "chaos"
-    report, context = run_chaos(out, "topology=all_spot", "chaos.name=all-spot",
-                                "chaos.preemptions=[{vm:0,at_s:6},{vm:1,at_s:27}]")
+    report, context = run_chaos(out, "topology=all_spot", "chaos.name=all-spot", "train.parallelism=fsdp",
+                                "chaos.preemptions=[{vm:0,at_s:6},{vm:1,at_s:7.5},{vm:0,at_s:8,phase:rendezvous}]")
     assert report["topology"]["name"] == "all_spot"
+    preempts = [e for e in report["events"] if e["kind"] == "preempt"]
+    assert len(preempts) == 3 and preempts[1]["t_s"] - preempts[0]["t_s"] < 2.0, context
+    assert preempts[2]["vm"] == "worker-0" and preempts[2]["detail"].endswith("during rendezvous"), context
     vms = assert_finished_and_rejoined(report, context, world_size=2)
     assert report["exact"] is True, context
     assert sum(vm["rank0_preemptions"] for vm in vms.values()) >= 1, context
     coordinator = vms["coordinator"]
     assert (coordinator["provisioning"], coordinator["boots"], coordinator["unit_exits"]) == ("STANDARD", 1, []), \
         context
+
+
+@pytest.mark.slow
+def test_shrink_trains_on_with_the_survivors_while_a_worker_is_down(tmp_path: Path):
+    """`make chaos ARGS="elastic.on_preemption=shrink topology.workers.min=1"`: after each worker's
+    preemption the master and the other worker train on at world size 2, and the job grows back to 3
+    when the MIG has recreated the VM; every sample index is trained once, no step is lost."""
+    out = tmp_path / "chaos"
+    report, context = run_chaos(out, "topology=hybrid", "chaos.name=shrink", "elastic.on_preemption=shrink",
+                                "topology.workers.min=1", "chaos.recreate_s=6", "chaos.reference=false")
+    assert report["finished"] and report["final_step"] == 500, context
+    assert sorted(set(report["world_sizes"])) == [2, 3], context
+    assert report["lost_steps"] == 0 and report["repeated_samples"] == 0, context
+    assert report["vms"][0]["boots"] == 1 and 75 not in report["vms"][0]["unit_exits"], context
 
 
 def test_a_multi_node_checkpoint_commits_in_the_bucket_once_every_node_share_is_there(tmp_path: Path,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from harness.bucket_names import bucket_name_problem
 from harness.config import ConfigError
 from infra import machines, settings
-from infra.settings import bucket_name_problem
 
 W = "topology.workers"
 

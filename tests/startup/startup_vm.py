@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 STARTUP_SH = REPO / "startup" / "startup.sh"
 SHUTDOWN_SH = REPO / "startup" / "shutdown.sh"
 STUBS = Path(__file__).resolve().parent / "stubs"
+AGENT_ENGINE = "/opt/google-cloud-ops-agent/libexec/google_cloud_ops_agent_engine"
+AGENT_CONFIG = "/etc/google-cloud-ops-agent/config.yaml"
+AGENT_PACKAGE = "google-cloud-ops-agent_2.49.0~ubuntu24.04_amd64.deb"  # the repository's name form
 
 
 @dataclass
@@ -63,19 +66,24 @@ class Vm:
         """Where the gcloud stub keeps an object of the fake bucket."""
         return self.state / "bucket" / bucket / object_name
 
-    def publish_release(self, version: str, *, manifest: bool = True, corrupt: str | None = None) -> dict:
+    def publish_release(self, version: str, *, manifest: bool = True, corrupt: str | None = None,
+                        agent: bool = False) -> dict:
         """Publish a release as `make deploy` does (infra/release.py's layout): files under
-        releases/<version>/, wheels under wheels/, manifest.json (with every sha256) last. `corrupt`
-        names a file whose uploaded bytes differ from what its manifest entry says."""
+        releases/<version>/, wheels under wheels/, with `agent` the Ops Agent package under agents/,
+        manifest.json (with every sha256) last. `corrupt` names a file whose uploaded bytes differ
+        from what its manifest entry says."""
         files = {
             "spot_harness-0.1.0-py3-none-any.whl": b"harness wheel",
             "requirements.txt": b"numpy==2.4.6\n",
             "conf/config.yaml": b"defaults: []\n",
         }
         wheels = {"pip-24.0-py3-none-any.whl": b"pip wheel", "numpy-2.4.6-cp312-cp312-manylinux_2_27_x86_64.whl": b"np"}
+        shared = {f"wheels/{n}": d for n, d in wheels.items()}
+        if agent:
+            shared[f"agents/{AGENT_PACKAGE}"] = b"ops agent package"
         entries = {}
-        for path, data in [*files.items(), *((f"wheels/{n}", d) for n, d in wheels.items())]:
-            obj = path if path.startswith("wheels/") else f"releases/{version}/{path}"
+        for path, data in [*files.items(), *shared.items()]:
+            obj = path if path in shared else f"releases/{version}/{path}"
             target = self.bucket_path(obj)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data + (b" tampered" if path == corrupt else b""))
@@ -84,6 +92,13 @@ class Vm:
         if manifest:
             self.bucket_path(f"releases/{version}/manifest.json").write_text(json.dumps(content))
         return content
+
+    def install_agent(self) -> None:
+        """The image brings the Ops Agent: its engine is where startup.sh looks for it."""
+        engine = self.path(AGENT_ENGINE)
+        engine.parent.mkdir(parents=True, exist_ok=True)
+        engine.write_text("#!/bin/sh\n")
+        engine.chmod(0o755)
 
     def unpublish(self, version: str) -> None:
         self.bucket_path(f"releases/{version}/manifest.json").unlink()

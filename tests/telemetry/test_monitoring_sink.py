@@ -11,9 +11,9 @@ import grpc
 import pytest
 from google.api.metric_pb2 import MetricDescriptor
 
+from harness.chaos.monitoring import FakeMonitoring
 from harness.telemetry import metric_names
 from harness.telemetry.monitoring_sink import METRICS, MonitoringSink
-from tests.telemetry.fake_monitoring import FakeMonitoring
 
 
 def record_cost_s(sink: MonitoringSink, n: int = 2000) -> list[float]:

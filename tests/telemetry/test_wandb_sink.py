@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.chaos.monitoring import FakeMonitoring
 from harness.telemetry import metric_names
 from harness.telemetry.ledger import read_ledger
 from harness.telemetry.wandb_reader import offline_runs
 from harness.telemetry.wandb_sink import WandbSink
-from tests.telemetry.fake_monitoring import FakeMonitoring
 
 ROOT = Path(__file__).resolve().parents[2]
 

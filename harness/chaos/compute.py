@@ -1,12 +1,13 @@
-"""A stand-in for the Compute Engine API's instance-group resize, for tests.
+"""A stand-in for the Compute Engine API's instance-group resize: the local Spot cloud's MIGs, and tests.
 
 There is no Compute Engine emulator (fake-gcs-server covers only Cloud Storage), so this local HTTP
 server takes the two calls the harness makes, `regionInstanceGroupManagers.resize` and
-`instanceGroupManagers.resize` (`POST /compute/v1/<group path>/resize?size=N`), records them and
-answers as the API does: 200 with an Operation. Point SPOT_COMPUTE_ENDPOINT at `endpoint`.
-`fail` holds status codes to answer first, one per request (retries, refusals).
+`instanceGroupManagers.resize` (`POST /compute/v1/<group path>/resize?size=N`), records them, sets
+the group's target size in `sizes` and answers as the API does: 200 with an Operation. Point
+SPOT_COMPUTE_ENDPOINT at `endpoint`. `fail` holds status codes to answer first, one per request
+(retries, refusals).
 
-    with FakeCompute() as compute:   # or the `fake_compute` fixture
+    with FakeCompute() as compute:
         ... SPOT_COMPUTE_ENDPOINT=compute.endpoint ...
         assert compute.calls == [("projects/p/regions/r/instanceGroupManagers/n", 0)]
 """
@@ -15,18 +16,16 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
-
-import pytest
 
 PREFIX = "/compute/v1/"
 SUFFIX = "/resize"
 
 
 class FakeCompute:
-    def __init__(self) -> None:
+    def __init__(self, sizes: dict[str, int] | None = None) -> None:
+        self.sizes = dict(sizes or {})  # group path -> target size, as the resizes left it
         self.calls: list[tuple[str, int]] = []  # (group path, size), accepted or not
         self.authorized: list[bool] = []  # whether each request carried an Authorization header
         self.fail: list[int] = []
@@ -45,6 +44,8 @@ class FakeCompute:
                     fake.calls.append((group, size))
                     fake.authorized.append("Authorization" in self.headers)
                     status = fake.fail.pop(0) if fake.fail else 200
+                    if status == 200:
+                        fake.sizes[group] = size
                 if status != 200:
                     self._answer(status, {"error": {"code": status, "message": f"injected {status}"}})
                     return
@@ -78,9 +79,3 @@ class FakeCompute:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@pytest.fixture
-def fake_compute() -> Iterator[FakeCompute]:
-    with FakeCompute() as compute:
-        yield compute

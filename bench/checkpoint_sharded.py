@@ -1,0 +1,75 @@
+"""The checkpoint benchmark's world-size-2 rows: DDP and FSDP at the same state size, per rank.
+
+    torchrun --standalone --nproc-per-node=2 -m bench.checkpoint_sharded --gb 0.5 --parallelism fsdp
+
+Run by `make bench-checkpoint` for both strategies (bench/checkpoint.py's `sharded` rows). The state is
+bench/checkpoint.py's (stacked nn.Linear layers + AdamW state), wrapped as the trainer wraps a model
+(harness/parallel.py: each layer sharded under FSDP, DDP otherwise), saved by the engine twice: the
+second save's pause, each rank's snapshot bytes, the bytes each rank wrote, and the time to commit.
+Rank 0 prints one JSON line `sharded: {...}` that bench/checkpoint.py collects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+from bench.checkpoint import GB, engine_config, layers_for, one_save
+from harness import distributed, parallel
+from harness.checkpoint.manager import CheckpointManager
+from harness.state import TrainState
+
+WIDTH = 1024
+
+
+def build(gb: float, strategy: str, d: distributed.Dist) -> TrainState:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(layers_for(gb * GB, WIDTH))))
+    train = SimpleNamespace(parallelism=strategy, activation_checkpointing=False,
+                            fsdp=SimpleNamespace(shard_modules=[], param_dtype="bfloat16", reduce_dtype="float32"))
+    model = parallel.wrap(model, train, d)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return TrainState(model, opt, d.rank, d.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=0.5)
+    parser.add_argument("--parallelism", choices=("ddp", "fsdp"), default="fsdp")
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    d = distributed.init("cpu")
+    mine = args.dir or (tempfile.mkdtemp(prefix="bench-sharded-") if d.is_main else None)
+    root = Path(distributed.all_gather_object(d, mine)[0])  # one store for the job, as on a node
+    try:
+        state = build(args.gb, args.parallelism, d)
+        manager = CheckpointManager(engine_config(root / args.parallelism, write_threads=2, keep=2), d)
+        one_save(manager, state, 1)  # allocates the buffers
+        second = one_save(manager, state, 2)
+        manager.close()
+        step_dir = next((root / args.parallelism / "store").glob("step_*2"))
+        written = sum(f.stat().st_size for f in step_dir.glob(f"__{d.rank}_*.distcp"))
+        rows = distributed.all_gather_object(d, {**second, "written_bytes": written})
+        if d.is_main:
+            total = sum(f.stat().st_size for f in step_dir.glob("__*.distcp"))
+            print("sharded: " + json.dumps({
+                "parallelism": args.parallelism, "world_size": d.world_size, "state_bytes": total,
+                "pause_s": max(r["pause_s"] for r in rows), "commit_s": max(r["commit_s"] for r in rows),
+                "snapshot_bytes_per_rank": [r["snapshot_bytes"] for r in rows],
+                "written_bytes_per_rank": [r["written_bytes"] for r in rows]}), flush=True)
+    finally:
+        distributed.shutdown(d)
+
+
+if __name__ == "__main__":
+    main()
