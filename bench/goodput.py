@@ -48,7 +48,7 @@ OUT = REPO / "runs" / "bench-goodput"
 # first step, and nothing else for 910 s: one preemption in a run of ~4 compressed hours, the most likely
 # count at a 6 h MTBI per VM.
 SETTINGS = [
-    "topology=all_spot",  # 2 Spot workers (conf/chaos/default.yaml's job) + the coordinator
+    "topology=all_spot",  # 2 Spot workers (harness/chaos/conf/chaos.yaml's job) + the coordinator
     "chaos.mtbi_s=900", "chaos.seed=191", "chaos.notice_s=8", "chaos.recreate_s=7", "chaos.max_duration_s=1500",
     "chaos.baseline.interval_steps=230", "chaos.baseline.gcs_every=12", "telemetry.ledger_flush_s=1",
     "model.pace_s=0.1", "model.n_layer=2", "model.n_embd=64", "train.max_steps=4200", "train.log_interval=500",

@@ -1,5 +1,5 @@
 """Cloud Storage's bucket naming rules (cloud.google.com/storage/docs/buckets#naming), in one place: the
-checkpoint store checks a gs:// URL with them (harness/checkpoint/gcs.py) and infra validates its bucket
+checkpoint store checks a gs:// URL with them (harness/checkpoint/gcs_store.py) and infra validates its bucket
 names with them (infra/settings.py), so neither accepts a name the other, or GCS, rejects. No imports
 beyond `re`: infra's synthesis reads it without loading the runtime."""
 

@@ -204,7 +204,7 @@ class ElasticConfig:
 
 @dataclass
 class HealthConfig:
-    """Bounds per phase (harness/preemption/health.py): a VM waits in rendezvous for a recreated peer as long
+    """Bounds per phase (harness/health.py): a VM waits in rendezvous for a recreated peer as long
     as Spot capacity takes, and a restore from the bucket is bounded by its bytes, so both get longer
     bounds than a training step."""
 
@@ -251,7 +251,6 @@ class JobConfig:
     cost: Any = None
     infra: Any = None
     topology: Any = None
-    chaos: Any = None
 
 
 def register() -> None:
@@ -354,12 +353,12 @@ def load(overrides: list[str], config_name: str = "config") -> DictConfig:
             cfg = compose(config_name=config_name, overrides=list(overrides))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_first_line(err)) from None
+        raise ConfigError(first_line(err)) from None
     validate(cfg)
     return cfg
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """Hydra's message plus its cause's first line ("Value 'abc' ... Integer"), without OmegaConf's
     object_type noise: enough to name the key and what it accepts."""
     parts = []

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from harness.cost import CostModel
-from harness.telemetry.goodput import CATEGORIES, PRODUCTIVE, Breakdown, breakdown
+from harness.telemetry.breakdown import breakdown
 from harness.telemetry.ledger import ledger_location, read_ledger
+from harness.telemetry.table import goodput_table
 from harness.telemetry.timeline import plot_timeline
 
 
@@ -34,39 +33,6 @@ def find_ledger(location: str) -> tuple[str, list[dict[str, Any]]]:
         if events:
             return candidate, events
     raise FileNotFoundError(f"no ledger events in any of: {', '.join(tried)}")
-
-
-def _hms(seconds: float) -> str:
-    whole = int(seconds)
-    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{seconds % 60:04.1f}"
-
-
-def report(b: Breakdown) -> Table:
-    until = "to the job's end" if b.finished else "to now"
-    out = Table(title=f"goodput {b.goodput:.1%} of {_hms(b.total_s)} (h:mm:ss) wall time, {until}")
-    out.add_column("category")
-    out.add_column("time", justify="right")
-    out.add_column("share", justify="right")
-    for c in CATEGORIES:
-        out.add_row(c, _hms(b.seconds[c]), f"{b.seconds[c] / b.total_s:.1%}" if b.total_s else "-")
-    out.add_section()
-    facts = {
-        "preemptions": b.preemptions, "restarts": b.restarts,
-        "world sizes": ", ".join(map(str, b.world_sizes)) or "-", "last step": b.last_step,
-        "productive steps": b.productive_steps, "recomputed steps": b.lost_steps,
-        "telemetry errors": b.telemetry_errors,
-    }
-    info = b.job_info
-    if "hourly_usd" in info:
-        cost = CostModel(info["hourly_usd"], info["on_demand_hourly_usd"], info.get("price_source", ""),
-                         info.get("price_as_of", ""))
-        for key, value in cost.metrics(b.running_s, b.seconds[PRODUCTIVE], b.productive_steps).items():
-            facts[key.removesuffix("_usd").replace("_", " ") + " ($)"] = f"{value:,.4f}"
-        if cost.as_of:
-            facts["prices as of"] = cost.as_of
-    for key, value in facts.items():
-        out.add_row(key, str(value), "")
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     b = breakdown(events, now=time.time())
     console.print(f"ledger: {where} ({len(events)} events, {len(b.lives)} process incarnations)")
-    console.print(report(b))
+    console.print(goodput_table(b))
     default_dir = Path(".") if args.location.startswith("gs://") else Path(args.location)
     path = plot_timeline(b, args.out or default_dir / "goodput_timeline.png")
     console.print(f"timeline written to {path}")

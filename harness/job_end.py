@@ -26,7 +26,7 @@ Contract:
   for RESIZE_RETRY_S. A failed resize never changes the job's exit code: it is printed with the gcloud
   command that does it by hand, and the next VM the MIG boots tries again.
 - Endpoint and credentials: SPOT_COMPUTE_ENDPOINT, default https://compute.googleapis.com/compute/v1.
-  When it is set, requests carry anonymous credentials (as harness/checkpoint/gcs.py does for
+  When it is set, requests carry anonymous credentials (as harness/checkpoint/gcs_store.py does for
   STORAGE_EMULATOR_HOST), so tests point it at a local HTTP server: there is no Compute emulator.
   Otherwise google.auth.default(): the metadata server's token on a VM, ADC where `make deploy` runs.
   A VM whose metadata server is a stand-in (GCE_METADATA_HOST set: a test, the local Spot cloud)
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from harness.checkpoint.store import Store, StoreError
 from harness.checkpoint.tiers import Tier, build_tiers, durable
-from harness.preemption import metadata
+from harness.preemption import gce_metadata as metadata
 
 if TYPE_CHECKING:
     from google.auth.transport.requests import AuthorizedSession

@@ -32,7 +32,7 @@ from harness import config, job_end
 from harness.batching import max_nodes
 from harness.checkpoint.store import StoreError
 from harness.checkpoint.tiers import build_tiers
-from harness.preemption.health import HEALTH_FILE_ENV, Bounds, LauncherHealth, serve
+from harness.health import HEALTH_FILE_ENV, Bounds, LauncherHealth, serve
 from harness.preemption.notice import (
     MAINTENANCE,
     PLANNED_STOP_EXIT_CODE,
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prefetch_data(cfg: DictConfig) -> None:
-    """Fill this node's cache of gs:// token files (harness/data/gcs.py) before torchrun starts: a slow
+    """Fill this node's cache of gs:// token files (harness/data/gcs_cache.py) before torchrun starts: a slow
     download then delays only this node's rendezvous, never a collective with a timeout, and a
     preemption mid-download resumes it at the next boot. The trainers find the copies in the cache."""
     data = cfg.data

@@ -6,7 +6,7 @@ Fields: `final_step`, `model_sha256` (harness/state.py: the full weights, whatev
 `sample_index`, `wandb_run_id`, `lost_steps`, `final_loss` (the last step's loss on rank 0's share;
 null when unknown), then the job's metrics: goodput, badput by category, `preemptions`, `restarts`
 and cost. Restarts, world sizes, preemptions and lost steps come from the job's ledger, which has
-every incarnation from its start (harness/telemetry/goodput.py).
+every incarnation from its start (harness/telemetry/breakdown.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.telemetry import Telemetry
-from harness.telemetry.goodput import Breakdown
+from harness.telemetry.breakdown import Breakdown
+from harness.telemetry.telemetry import Telemetry
 
 FILE = "summary.json"
 

@@ -37,22 +37,23 @@ from harness.batching import BatchPlan, BatchSplitError
 from harness.cadence import Cadence
 from harness.checkpoint.manager import CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, TierUnavailable
 from harness.checkpoint.manifest import CorruptCheckpoint
+from harness.checkpoint.report import Kind
 from harness.checkpoint.store import CommitConflict, StoreError
 from harness.checkpoint.tiers import durable
 from harness.data import make_batch, rank_indices
-from harness.goodput import report as goodput_table
+from harness.health import HEALTH_FILE_ENV, Bounds, Health, serve
 from harness.models import logits_of
 from harness.optim import build_optimizer, lr_at, set_lr
 from harness.preemption import PREEMPTED_EXIT_CODE, NoticeBoard
-from harness.preemption.health import HEALTH_FILE_ENV, Bounds, Health, serve
-from harness.preemption.metadata import MetadataWatcher
+from harness.preemption.gce_metadata import MetadataWatcher
 from harness.preemption.notice import PREEMPTED_MARKER, REJOIN_MARKER
 from harness.progress import ProgressDisplay
 from harness.state import TrainState, capture_rng, model_sha256, restore_rng, seed_everything, unwrap
 from harness.summary import write_summary
-from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
 from harness.telemetry.ledger import ledger_location
+from harness.telemetry.table import goodput_table
+from harness.telemetry.telemetry import Telemetry
 
 log = logging.getLogger("harness")
 UNAVAILABLE_EXIT_CODE = 69  # EX_UNAVAILABLE: a store cannot be reached now; the unit restarts it
@@ -300,7 +301,7 @@ def loop(job: Job) -> int:
             if not report.ok:
                 log.warning("checkpoint %s of step %d on %s failed: %s", report.kind, report.step, report.tier,
                             report.detail)
-                if report.kind == "commit":
+                if report.kind == Kind.COMMIT:
                     cadence.failed()
     display.close()
     return 0

@@ -67,7 +67,7 @@ def _synth(s: settings.Settings, version: str) -> Path:
 def _finished_run(s: settings.Settings, resume: bool) -> Store | None:
     """Refuse to deploy a run whose `finished` record is in the bucket (its VMs would boot only to stop
     again), unless `resume`: then the store whose record _deploy removes before the groups come up."""
-    from harness.checkpoint.gcs import GCSStore
+    from harness.checkpoint.gcs_store import GCSStore
     from infra.constructs.storage import checkpoint_prefix  # the provider bindings: deploy pays them anyway
 
     store = GCSStore(f"gs://{s.infra.bucket.name}/{checkpoint_prefix(s.run_id)}", retry_deadline_s=30.0,
@@ -139,11 +139,7 @@ def run(command: str, overrides: Sequence[str], yes: bool = False, resume_finish
     stack_dir = _synth(s, release.version(s))
     if binary is None:
         return
-    terraform.run(binary, stack_dir, "init", "-input=false")
-    if command == "plan":
-        terraform.run(binary, stack_dir, "plan", "-input=false")
-    else:
-        terraform.run(binary, stack_dir, "destroy", *(["-auto-approve"] if yes else []))
+    terraform.plan_or_destroy(binary, stack_dir, command, yes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

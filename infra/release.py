@@ -45,9 +45,18 @@ TORCH = "torch"
 PIP = "pip"  # bootstraps the VM's venv from the wheelhouse (the image's python3 may lack ensurepip)
 
 
+SIMULATOR = REPO / "harness" / "chaos"  # the local Spot cloud: never on a VM, not in the release
+
+
+def _on_vms(path: Path) -> bool:
+    return "__pycache__" not in path.parts and not path.is_relative_to(SIMULATOR)
+
+
 def _sources() -> list[Path]:
+    """What the release is made of, so what its version digests: a change to anything else (the
+    simulator, tests, infra) publishes no new release and rolls no instance template."""
     files = [REPO / "pyproject.toml", REPO / "requirements.txt"]
-    files += [p for p in (REPO / "harness").rglob("*.py") if "__pycache__" not in p.parts]
+    files += [p for p in (REPO / "harness").rglob("*.py") if _on_vms(p)]
     files += [p for p in (REPO / "conf").rglob("*") if p.is_file()]
     return sorted(files)
 
@@ -174,6 +183,7 @@ def build_wheel(dest: Path) -> Path:
         src = Path(tmp)
         shutil.copy2(REPO / "pyproject.toml", src)
         shutil.copytree(REPO / "harness", src / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.rmtree(src / SIMULATOR.relative_to(REPO))  # the simulator stays out of the wheel
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--disable-pip-version-check",
                "--wheel-dir", str(dest), str(src)]
         if importlib.util.find_spec("setuptools"):  # build offline with the venv's own setuptools

@@ -32,17 +32,23 @@ STATE_DIR = REPO / "infra" / "state"  # local Terraform state (git-ignored), out
 FOUNDATION = ("apis", "storage", "iam")
 
 
+def providers_and_backend(stack: TerraformStack, i) -> None:
+    """The providers (google; time for time_sleep, see infra/constructs/monitoring.py) and where the
+    state lives (`infra.state_bucket`, else a local file), for every stack of a deployment."""
+    GoogleProvider(stack, "google", project=i.project, region=i.region, default_labels=dict(i.labels))
+    TimeProvider(stack, "time")
+    if i.state_bucket:
+        GcsBackend(stack, bucket=i.state_bucket, prefix=f"terraform/{i.name}")
+    else:
+        LocalBackend(stack, path=str(STATE_DIR / f"{i.name}.tfstate"))
+
+
 class TrainingStack(TerraformStack):
     def __init__(self, scope: Construct, settings: Settings, release: str):
         i = settings.infra
         super().__init__(scope, i.name)
         scripts = startup_scripts(settings)  # first: a missing script fails before anything is built
-        GoogleProvider(self, "google", project=i.project, region=i.region, default_labels=dict(i.labels))
-        TimeProvider(self, "time")  # time_sleep: see infra/constructs/monitoring.py
-        if i.state_bucket:
-            GcsBackend(self, bucket=i.state_bucket, prefix=f"terraform/{i.name}")
-        else:
-            LocalBackend(self, path=str(STATE_DIR / f"{i.name}.tfstate"))
+        providers_and_backend(self, i)
 
         apis = Apis(self, "apis", settings)
         storage = CheckpointBucket(self, "storage", settings)

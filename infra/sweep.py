@@ -197,11 +197,7 @@ def run(command: str, overrides: Sequence[str], yes: bool = False) -> None:
     _local_record(dep)
     if binary is None:
         return
-    terraform.run(binary, stack_dir, "init", "-input=false")
-    if command == "plan":
-        terraform.run(binary, stack_dir, "plan", "-input=false")
-    else:
-        terraform.run(binary, stack_dir, "destroy", *(["-auto-approve"] if yes else []))
+    terraform.plan_or_destroy(binary, stack_dir, command, yes)
 
 
 def _local_record(dep: Deployment) -> None:

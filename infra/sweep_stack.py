@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdktf import App, Fn, GcsBackend, LocalBackend, TerraformOutput, TerraformStack
-from cdktf_cdktf_provider_google.provider import GoogleProvider
-from cdktf_cdktf_provider_time.provider import TimeProvider
+from cdktf import App, Fn, TerraformOutput, TerraformStack
 from constructs import Construct
 
 from infra.constructs.apis import Apis
@@ -18,7 +16,7 @@ from infra.constructs.monitoring import Monitoring
 from infra.constructs.network import Network
 from infra.constructs.storage import CheckpointBucket
 from infra.release import RELEASES
-from infra.stacks import STATE_DIR, TrainingStack
+from infra.stacks import TrainingStack, providers_and_backend
 from infra.sweep import Deployment
 from infra.vm import startup_scripts
 
@@ -28,12 +26,7 @@ class SweepStack(TerraformStack):
         s, i = dep.base, dep.base.infra
         super().__init__(scope, i.name)
         scripts = startup_scripts(s)
-        GoogleProvider(self, "google", project=i.project, region=i.region, default_labels=dict(i.labels))
-        TimeProvider(self, "time")
-        if i.state_bucket:
-            GcsBackend(self, bucket=i.state_bucket, prefix=f"terraform/{i.name}")
-        else:
-            LocalBackend(self, path=str(STATE_DIR / f"{i.name}.tfstate"))
+        providers_and_backend(self, i)
 
         apis = Apis(self, "apis", s)
         storage = CheckpointBucket(self, "storage", s)

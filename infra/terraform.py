@@ -57,3 +57,12 @@ def targets(stack_dir: Path, construct_ids: Sequence[str]) -> list[str]:
     prefixes = tuple(f"{stack_dir.name}/{c}/" for c in construct_ids)
     return [f"-target={kind}.{name}" for kind, resources in sorted(tf["resource"].items())
             for name, body in sorted(resources.items()) if body["//"]["metadata"]["path"].startswith(prefixes)]
+
+
+def plan_or_destroy(binary: str, stack_dir: Path, command: str, yes: bool) -> None:
+    """`terraform init`, then `plan` or `destroy` (-auto-approve with `yes`) of a synthesized stack."""
+    run(binary, stack_dir, "init", "-input=false")
+    if command == "plan":
+        run(binary, stack_dir, "plan", "-input=false")
+    else:
+        run(binary, stack_dir, "destroy", *(["-auto-approve"] if yes else []))

@@ -1,5 +1,5 @@
 """A real GCS emulator for tests, in or outside pytest: the local Spot cloud's fake-gcs-server
-(harness/chaos/gcs.py), with a restart for outage tests and the STORAGE_EMULATOR_HOST plumbing.
+(harness/chaos/fake_gcs.py), with a restart for outage tests and the STORAGE_EMULATOR_HOST plumbing.
 
     with running_fake_gcs() as gcs:          # sets STORAGE_EMULATOR_HOST while running
         gcs.make_bucket("ckpt")
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from harness.chaos.gcs import FakeGCSServer
+from harness.chaos.fake_gcs import FakeGCSServer
 
 
 class FakeGCS(FakeGCSServer):

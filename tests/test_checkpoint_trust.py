@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from harness import config
 from harness.batching import BatchPlan
 from harness.cadence import Cadence
-from harness.checkpoint.gcs import GCSStore
+from harness.checkpoint.gcs_store import GCSStore
 from harness.checkpoint.manager import CheckpointManager, TierUnavailable
 from harness.checkpoint.manifest import MANIFEST, Manifest, file_entry
 from harness.checkpoint.store import REASON, LocalStore, Transfer, TransferAbandoned, step_dirname

@@ -23,6 +23,8 @@ def test_defaults_compose_and_carry_the_contract_keys():
     for key in ("seed", "train.max_steps", "train.global_batch_size", "train.grad_accum",
                 "checkpoint.interval_steps", "wandb.project", "launch.nproc_per_node"):
         assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", key
+    # The local Spot cloud's settings are not the job's: the production tree carries no chaos group.
+    assert "chaos" not in cfg and not (config.CONF_DIR / "chaos").exists()
 
 
 @pytest.mark.parametrize(

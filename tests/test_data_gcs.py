@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from harness.config import ConfigError
-from harness.data import gcs
+from harness.data import gcs_cache as gcs
 from harness.data.tokens import TokenFile
 from tests import runs
 from tests.gcs_emulator import FakeGCS
@@ -80,7 +80,7 @@ def test_shards_from_gcs_train_exactly_as_the_same_files_read_locally_and_fill_t
 FETCH = """
 import sys
 from pathlib import Path
-from harness.data.gcs import cached
+from harness.data.gcs_cache import cached
 cached([("data.path", sys.argv[1])], Path(sys.argv[2]), threads=2, chunk_bytes=16 * 1024)
 """
 

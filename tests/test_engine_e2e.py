@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from harness.chaos.metadata import FakeMetadata
-from harness.checkpoint.gcs import GCSStore
+from harness.chaos.fake_metadata import FakeMetadata
+from harness.checkpoint.gcs_store import GCSStore
 from harness.checkpoint.manifest import MANIFEST
 from harness.checkpoint.store import LocalStore, step_dirname
 from harness.preemption import PREEMPTED_EXIT_CODE

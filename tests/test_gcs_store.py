@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from google.api_core.exceptions import ServiceUnavailable
 
-from harness.checkpoint.gcs import GCSStore, parse_gs_url
+from harness.checkpoint.gcs_store import GCSStore, parse_gs_url
 from harness.checkpoint.manifest import CorruptCheckpoint, Manifest, file_entry
-from harness.checkpoint.store import CommitConflict, StoreError, open_store
+from harness.checkpoint.store import CommitConflict, StoreError
+from harness.checkpoint.tiers import open_store
 from harness.config import ConfigError
 from infra import settings as infra_settings
 from tests.gcs_emulator import FakeGCS, fake_gcs, running_fake_gcs  # noqa: F401  (fake_gcs is a fixture)

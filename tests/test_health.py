@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from harness.preemption.health import Bounds, Health, serve
+from harness.health import Bounds, Health, serve
 from tests import runs
 
 

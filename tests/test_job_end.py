@@ -1,6 +1,6 @@
 """The job's end is the deployment's end (harness/job_end.py): real launchers under torchrun write the
 `finished` record, and a relaunch of the finished run trains nothing and resizes the instance groups
-to 0. The Compute API is a local HTTP server that records the calls (harness/chaos/compute.py: there is
+to 0. The Compute API is a local HTTP server that records the calls (harness/chaos/fake_compute.py: there is
 no Compute emulator); the VM's metadata is the local Spot cloud's fake metadata server."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from harness import job_end
-from harness.chaos.compute import FakeCompute
-from harness.chaos.metadata import FakeMetadata
-from harness.checkpoint.gcs import GCSStore
+from harness.chaos.fake_compute import FakeCompute
+from harness.chaos.fake_metadata import FakeMetadata
+from harness.checkpoint.gcs_store import GCSStore
 from harness.checkpoint.store import LocalStore, StoreError, step_dirname
-from harness.preemption import metadata
+from harness.preemption import gce_metadata as metadata
 from tests import runs
 from tests.gcs_emulator import FakeGCS
 

@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from harness.chaos import metadata as fake_server
-from harness.chaos.metadata import FakeMetadata
+from harness.chaos import fake_metadata as fake_server
+from harness.chaos.fake_metadata import FakeMetadata
 from harness.preemption import MAINTENANCE, PREEMPTION
-from harness.preemption.metadata import DEFAULT_HOST, MAINTENANCE_EVENT, PREEMPTED, PREEMPTIBLE, MetadataWatcher
+from harness.preemption.gce_metadata import DEFAULT_HOST, MAINTENANCE_EVENT, PREEMPTED, PREEMPTIBLE, MetadataWatcher
 from tests import runs
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harness.chaos.metadata import FakeMetadata
+from harness.chaos.fake_metadata import FakeMetadata
 from harness.preemption import PREEMPTED_EXIT_CODE
 from harness.telemetry.ledger import read_ledger
 from tests import runs

@@ -89,34 +89,3 @@ def test_only_the_preempted_node_stops_and_the_survivor_rejoins_to_the_end(tmp_p
     (summary,) = [json.loads(p.read_text()) for d in dirs.values() if (p := d / "summary.json").exists()]
     assert summary["model_sha256"] == reference_sha(2, CONFIG)
     assert summary["restarts"] == 1 and summary["preemptions"] >= 1
-
-
-def test_shrink_trains_on_while_the_preempted_node_is_down_and_grows_back(tmp_path):
-    """elastic.on_preemption=shrink: the survivor trains alone while its peer is down, and torchrun
-    grows the job again when the recreated node joins; every sample is consumed exactly once."""
-    config = ["train.max_steps=600", "checkpoint.interval_steps=20", "train.audit_samples=true",
-              "elastic.on_preemption=shrink", "launch.nnodes=1:2", "elastic.shrink_last_call_s=2"]
-    with running_fake_gcs() as gcs:
-        gcs.make_bucket("shrink")
-        nodes = TwoNodes(tmp_path, [*config, "run.name=shrink", "checkpoint.store=gs://shrink/job",
-                                    "launch.standalone=false", f"launch.rdzv_endpoint=127.0.0.1:{runs.free_port()}"])
-        survivor, preempted = nodes.start("survivor"), nodes.start("preempted")
-        try:
-            nodes.preempt_after(40, preempted)
-            runs.wait_for(lambda: "at world size 1" in nodes.log("survivor"), timeout=120,
-                          what="the survivor training alone")
-            assert survivor.poll() is None
-            recreated = nodes.start("preempted")
-            assert survivor.wait(timeout=240) == 0, nodes.log("survivor")[-3000:]
-            assert recreated.wait(timeout=60) == 0, nodes.log("preempted")[-3000:]
-        finally:
-            nodes.kill()
-    dirs = nodes.dirs
-    (summary,) = [json.loads(p.read_text()) for d in dirs.values() if (p := d / "summary.json").exists()]
-    assert summary["final_step"] == 600 and {1, 2} <= set(summary["world_sizes"]), summary["world_sizes"]
-    consumed = []
-    for record in [*dirs["survivor"].glob("samples/*.txt"), *dirs["preempted"].glob("samples/*.txt")]:
-        for line in record.read_text().splitlines():
-            _step, first, stop = map(int, line.split())
-            consumed.extend(range(first, stop))
-    assert sorted(consumed) == list(range(summary["sample_index"])), "a sample was repeated or skipped"

@@ -2,7 +2,7 @@
 
 Real processes: `python -m harness.sweep` starts real launchers (torchrun underneath), a job is
 SIGKILLed with its whole tree, the same command resumes it. The GCP queue runs in a real launcher
-against the fake GCS server and the local Compute stand-in (harness/chaos/compute.py: Compute
+against the fake GCS server and the local Compute stand-in (harness/chaos/fake_compute.py: Compute
 Engine has no emulator) with the local Spot cloud's metadata server."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from harness import config, job_end
-from harness.chaos.compute import FakeCompute
-from harness.chaos.metadata import FakeMetadata
+from harness.chaos.fake_compute import FakeCompute
+from harness.chaos.fake_metadata import FakeMetadata
 from harness.plan import main as plan_main
 from harness.plan import modes, plan_config, plan_mode
 from harness.sweep import jobs as sweep_jobs

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from harness.chaos.monitoring import FakeMonitoring
+from harness.chaos.fake_monitoring import FakeMonitoring
 from harness.telemetry import metric_names
-from harness.telemetry.goodput import PRODUCTIVE, breakdown
+from harness.telemetry.breakdown import PRODUCTIVE, breakdown
 from harness.telemetry.ledger import read_ledger
 from harness.telemetry.wandb_reader import offline_runs
 from tests import runs

@@ -1,6 +1,6 @@
 """`python -m harness.chaos [overrides]` (`make chaos`): run a training job on the local Spot cloud.
 
-Overrides starting with `chaos.` configure the cloud (conf/chaos/default.yaml); every other override is
+Overrides starting with `chaos.` configure the cloud (harness/chaos/conf/chaos.yaml); every other override is
 the job's and the deployment's, exactly as `make deploy` takes them (`topology=all_spot`, training
 keys), appended to `chaos.job`; infra/vm.py turns them into each VM's metadata. Prints where the
 report and the timeline are; exits 0 when the job finished, 1 when it did not, 2 on a bad config.
@@ -8,6 +8,7 @@ report and the timeline are; exits 0 when the job finished, 1 when it did not, 2
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import sys
@@ -23,20 +24,45 @@ from infra import settings as infra_settings
 from infra.settings import Settings
 from infra.vm import groups
 
+CONF = Path(__file__).resolve().parent / "conf"
+
 
 def is_chaos_key(override: str) -> bool:
     return override.lstrip("+~").startswith("chaos.")
 
 
+def load_chaos(overrides: list[str]) -> DictConfig:
+    """The cloud's own settings: harness/chaos/conf/chaos.yaml with the command line's `chaos.*`
+    overrides (Hydra's grammar). The job's config tree carries no `chaos` group; only the guides'
+    baseline trainer reads `chaos.baseline.*`, which the job gets as added keys."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    own = [re.sub(r"^([+~]*)chaos\.", r"\1", o) for o in overrides]
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="chaos", overrides=own)
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise config.ConfigError(f"chaos.*: {config.first_line(err)}") from None
+    return cfg
+
+
 def compose(overrides: list[str]) -> tuple[list[str], DictConfig, Settings]:
     """The job's overrides as `make deploy` would take them (chaos.job, the job's name and trainer, then
-    the command line's), the config a VM composes from them with `chaos.*`, and their deployment."""
-    own = [o for o in overrides if is_chaos_key(o)]
-    chaos = config.load(own).chaos
+    the command line's), the config every VM composes from them with the cloud's settings as `chaos`,
+    and their deployment."""
+    from omegaconf import OmegaConf
+
+    chaos = load_chaos([o for o in overrides if is_chaos_key(o)])
     job = [*chaos.job, f"run.name={chaos.name}", f"launch.module={chaos.trainer}",
-           *(f"chaos.baseline.{key}={value}" for key, value in chaos.baseline.items()),
+           *(f"++chaos.baseline.{key}={value}" for key, value in chaos.baseline.items()),
            *(o for o in overrides if not is_chaos_key(o))]
-    cfg = config.load([*job, *own])  # the job as every VM will compose it: fail here, not on the VMs
+    cfg = config.load(job)  # the job as every VM will compose it: fail here, not on the VMs
+    OmegaConf.set_struct(cfg, False)
+    cfg.chaos = chaos
     return job, cfg, infra_settings.load(job)
 
 

@@ -87,3 +87,10 @@ class AuditTail:
         for r in self.records:
             counts.update(range(r.first, r.stop))
         return sum(n - 1 for n in counts.values() if n > 1)
+
+    def skipped_samples(self, sample_index: int) -> int:
+        """Global sample indices below `sample_index` (where the job ended) that no rank trained on."""
+        seen: set[int] = set()
+        for r in self.records:
+            seen.update(range(r.first, min(r.stop, sample_index)))
+        return sample_index - len(seen)

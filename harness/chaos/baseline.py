@@ -27,12 +27,12 @@ import torch.distributed as dist
 
 from harness import config, distributed
 from harness.batching import BatchPlan
-from harness.checkpoint.gcs import GCSStore, parse_gs_url
+from harness.checkpoint.gcs_store import GCSStore, parse_gs_url
 from harness.state import Progress, TrainState, model_sha256, seed_everything, unwrap
 from harness.summary import write_summary
-from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
 from harness.telemetry.ledger import ledger_location
+from harness.telemetry.telemetry import Telemetry
 from harness.train import Stepper, autocast_for, build, open_audit
 
 log = logging.getLogger("harness.baseline")

@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,10 @@ from omegaconf import DictConfig
 
 from harness.chaos import differences
 from harness.chaos.audit import AuditTail
-from harness.chaos.compute import FakeCompute
 from harness.chaos.differences import Difference
-from harness.chaos.gcs import FakeGCSServer, free_port
-from harness.chaos.monitoring import FakeMonitoring
+from harness.chaos.fake_compute import FakeCompute
+from harness.chaos.fake_gcs import FakeGCSServer, free_port
+from harness.chaos.fake_monitoring import FakeMonitoring
 from harness.chaos.schedule import Preemption
 from harness.chaos.systemctl import unit_exits
 from harness.chaos.vm import SSD_NAME, TRAIN_UNIT, Vm, VmSpec
@@ -110,6 +111,16 @@ class Outcome:
     after_end: dict[str, Any] | None  # chaos.boot_after_end: the late VM's name, unit exits, steps it trained
 
 
+class State(StrEnum):
+    """A VM slot's state, as the cloud tends it."""
+
+    BOOTING = "booting"  # startup.sh running
+    UP = "up"
+    PREEMPTED = "preempted"  # in its notice: the shutdown script runs
+    DOWN = "down"  # stopped; the MIG recreates it at recreate_at
+    DELETED = "deleted"  # its group was resized to 0: never recreated
+
+
 @dataclass
 class Slot:
     """A VM name that the cloud keeps filled (one MIG instance, the master or the coordinator)."""
@@ -121,7 +132,7 @@ class Slot:
     preemptions: int = 0
     rank0_preemptions: int = 0  # preemptions of a boot that ran global rank 0
     autoheals: int = 0  # recreated after failing the health check
-    state: str = "down"  # booting | up | preempted | down | deleted
+    state: State = State.DOWN
     since: float = 0.0
     recreate_at: float | None = None
     next_check: float = 0.0
@@ -250,31 +261,31 @@ class Cloud:
         vm = slot.vm
         if vm is not None and slot.trains:
             self.audit.poll(self._label(slot), vm.run_dir, now)
-        if self.compute.sizes.get(slot.group, 1) == 0 and slot.state != "deleted":
+        if self.compute.sizes.get(slot.group, 1) == 0 and slot.state != State.DELETED:
             # Deleted once its unit has ended; the store's host once every trainer's has (their agents'
             # exit barrier goes through it, as a MIG's graceful delete gives them time to).
-            ended = vm is None or slot.state == "preempted" or (
+            ended = vm is None or slot.state == State.PREEMPTED or (
                 vm.trainer_finished() if slot.trains
                 else all(t.vm is None or t.vm.trainer_finished() for t in self.trainers))
             if ended:
                 self._delete(slot, now)
             return
-        if slot.state == "up" and vm is not None and now >= slot.next_probe:
+        if slot.state == State.UP and vm is not None and now >= slot.next_probe:
             self._probe(slot, now)
-        elif slot.state == "booting" and vm is not None and (code := vm.booted()) is not None:
+        elif slot.state == State.BOOTING and vm is not None and (code := vm.booted()) is not None:
             if code == 0:
                 self._event(now, "up", slot.spec.name, f"startup.sh done in {now - slot.since:.1f}s")
-                slot.state, slot.since = "up", now
+                slot.state, slot.since = State.UP, now
             else:
                 self._event(now, "boot_failed", slot.spec.name, f"startup.sh exited {code}; see {vm.logs}")
                 self._power_off(slot, now, "boot failed")
-        elif slot.state == "preempted" and vm is not None and now >= slot.next_check:
+        elif slot.state == State.PREEMPTED and vm is not None and now >= slot.next_check:
             slot.next_check = now + SHUTDOWN_CHECK_S
             hard_stop = now >= slot.since + float(self.chaos.notice_s)
             if hard_stop or vm.shut_down():
                 how = "hard stop at the end of the notice" if hard_stop else "shutdown complete"
                 self._power_off(slot, now, f"{how}, {now - slot.since:.1f}s after the notice")
-        elif slot.state == "down" and slot.recreate_at is not None and now >= slot.recreate_at:
+        elif slot.state == State.DOWN and slot.recreate_at is not None and now >= slot.recreate_at:
             self._boot(slot, now)
 
     def _probe(self, slot: Slot, now: float) -> None:
@@ -306,7 +317,7 @@ class Cloud:
 
     def _phase(self, slot: Slot) -> str | None:
         """The phase the VM's /healthz reports now, None when it does not answer."""
-        if slot.vm is None or slot.state not in ("booting", "up") or not slot.trains:
+        if slot.vm is None or slot.state not in (State.BOOTING, State.UP) or not slot.trains:
             return None
         port = int(slot.spec.attributes["spot-health-port"])
         try:
@@ -326,25 +337,25 @@ class Cloud:
             slot.vm.delete()
             slot.vm = None
             self._event(now, "deleted", slot.spec.name, "its instance group was resized to 0")
-        slot.state, slot.since, slot.recreate_at = "deleted", now, None
+        slot.state, slot.since, slot.recreate_at = State.DELETED, now, None
 
     def _delete_retired(self, now: float) -> None:
         for slot in self.slots:
-            if self.compute.sizes.get(slot.group, 1) == 0 and slot.state != "deleted":
+            if self.compute.sizes.get(slot.group, 1) == 0 and slot.state != State.DELETED:
                 self._delete(slot, now)
 
     def _boot_after_end(self, slot: Slot) -> dict[str, Any]:
         """A VM that boots after the job's end (a recreate racing the resize): it must find the finished
         record, exit without training, and resize the groups again."""
         before = len(self.audit.records)
-        slot.state = "down"
+        slot.state = State.DOWN
         self._boot(slot, time.time())
+        unit, logs = UNITS.get(slot.spec.role, TRAIN_UNIT), slot.logs(self.out, slot.boots)
         deadline = time.monotonic() + float(self.chaos.boot_timeout_s) + FINISH_GRACE_S
-        while slot.vm is not None and not slot.vm.trainer_finished() and time.monotonic() < deadline:
+        while slot.vm is not None and not unit_exits(logs, unit) and time.monotonic() < deadline:
             self.audit.poll(self._label(slot), slot.vm.run_dir)
             time.sleep(float(self.chaos.poll_s))
         self._delete(slot, time.time())
-        unit = UNITS.get(slot.spec.role, TRAIN_UNIT)
         return {"vm": slot.spec.name, "boot": slot.boots, "steps_trained": len(self.audit.records) - before,
                 "unit_exits": unit_exits(slot.logs(self.out, slot.boots), unit)}
 
@@ -354,7 +365,7 @@ class Cloud:
         slot.vm = Vm(slot.spec, self.out / "vms" / name, slot.logs(self.out, slot.boots),
                      f"{self.tag}/{name}/{slot.boots}", self.env)
         slot.vm.boot()
-        slot.state, slot.since, slot.recreate_at = "booting", now, None
+        slot.state, slot.since, slot.recreate_at = State.BOOTING, now, None
         self._event(now, "boot" if slot.boots == 1 else "recreate", name, f"boot {slot.boots}")
         if not slot.spec.spot:
             self._wait_booted(slot)
@@ -365,15 +376,15 @@ class Cloud:
             time.sleep(0.05)
         if code != 0:
             raise RuntimeError(f"{slot.spec.name}: startup.sh exited {code}; see {slot.vm.logs}/startup.log")
-        slot.state = "up"
+        slot.state = State.UP
         self._event(time.time(), "up", slot.spec.name, "startup.sh done")
 
     def _preempt(self, slot: Slot, now: float, phase: str | None = None) -> None:
-        if slot.state not in ("booting", "up") or slot.vm is None:
+        if slot.state not in (State.BOOTING, State.UP) or slot.vm is None:
             self._event(now, "missed", slot.spec.name, f"preemption due while the VM is {slot.state}")
             return
         slot.vm.preempt(float(self.chaos.notice_s))
-        slot.state, slot.since, slot.next_check = "preempted", now, now + SHUTDOWN_CHECK_S
+        slot.state, slot.since, slot.next_check = State.PREEMPTED, now, now + SHUTDOWN_CHECK_S
         slot.preemptions += 1
         rank0 = self.audit.rank0()
         holds = bool(rank0) and rank0[-1].source.startswith(f"{self._label(slot)}/")
@@ -389,7 +400,7 @@ class Cloud:
             self.audit.poll(self._label(slot), slot.vm.run_dir, time.time())
         slot.vm.delete()
         slot.vm = None
-        slot.state, slot.since, slot.failed_probes = "down", now, 0
+        slot.state, slot.since, slot.failed_probes = State.DOWN, now, 0
         slot.recreate_at = now + float(self.chaos.recreate_s)
         self._event(now, "off", slot.spec.name, why)
 

@@ -82,17 +82,18 @@ def differences(cfg: DictConfig, settings: Settings, monitoring_endpoint: str) -
                    "SPOT_COMPUTE_ENDPOINT) and the checkout's PYTHONPATH", ADDRESS,
                    "how the stand-ins' addresses reach the job"),
         Difference("metadata server", "metadata.google.internal", "one fake server per VM on loopback "
-                   "(GCE_METADATA_HOST; harness/chaos/metadata.py)", STUB, "the same attributes, preempted and "
+                   "(GCE_METADATA_HOST; harness/chaos/fake_metadata.py)", STUB, "the same attributes, preempted and "
                    "maintenance-event keys and long-polls, on this machine"),
         Difference("bucket", f"gs://{settings.infra.bucket.name} on Cloud Storage", "the same bucket name on "
-                   "fake-gcs-server (STORAGE_EMULATOR_HOST; harness/chaos/gcs.py)", STUB, "no cloud access here"),
+                   "fake-gcs-server (STORAGE_EMULATOR_HOST; harness/chaos/fake_gcs.py)", STUB, "no cloud access here"),
         Difference("telemetry.monitoring.endpoint", "null (monitoring.googleapis.com)", monitoring_endpoint, STUB,
-                   "no cloud access here: a local MetricService gRPC server (harness/chaos/monitoring.py) takes "
+                   "no cloud access here: a local MetricService gRPC server (harness/chaos/fake_monitoring.py) takes "
                    "the same sink's requests for the same project", JOB),
         Difference("Compute API", "compute.googleapis.com: at the job's end rank 0 resizes the instance groups "
                    "to 0 (harness/job_end.py), and the MIGs delete their VMs",
-                   "a local Compute API holding the groups' sizes (SPOT_COMPUTE_ENDPOINT; harness/chaos/compute.py)"
-                   ": a group at 0 recreates nothing, its VMs are deleted once their unit has ended", STUB,
+                   "a local Compute API holding the groups' sizes (SPOT_COMPUTE_ENDPOINT; "
+                   "harness/chaos/fake_compute.py): a group at 0 recreates nothing, its VMs are deleted once "
+                   "their unit has ended", STUB,
                    "no Compute Engine emulator exists"),
         Difference("logs", "the Ops Agent ships the units' and scripts' journal to Cloud Logging with the "
                    "VM, role, run and boot as labels (infra/logs.py)", "no agent (startup.sh logs `ops agent: not "

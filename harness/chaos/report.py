@@ -27,7 +27,7 @@ from typing import Any
 from harness.chaos.audit import StepDone
 from harness.chaos.cloud import Outcome
 from harness.chaos.differences import Difference
-from harness.telemetry.goodput import breakdown
+from harness.telemetry.breakdown import breakdown
 from infra.settings import Settings
 from infra.vm import groups
 
@@ -132,6 +132,7 @@ def build(outcome: Outcome, chaos, settings: Settings, found: list[Difference],
         "restarts": max(0, len({s.source for s in outcome.audit.rank0()}) - 1),
         "lost_steps": outcome.audit.lost_steps(),
         "repeated_samples": outcome.audit.repeated_samples(),
+        "skipped_samples": outcome.audit.skipped_samples(int(summary.get("sample_index") or 0)),
         "final_step": summary.get("final_step"),
         "summary": outcome.summary,  # the job's summary.json (final_loss, cost, W&B run id): harness/sweep reads it
         "world_sizes": summary.get("world_sizes"),

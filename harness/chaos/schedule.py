@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-PHASES = ("starting", "rendezvous", "restoring", "training", "saving")  # harness/preemption/health.py's
+PHASES = ("starting", "rendezvous", "restoring", "training", "saving")  # harness/health.py's
 
 
 @dataclass(frozen=True, order=True)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.chaos.metadata import FakeMetadata
+from harness.chaos.fake_metadata import FakeMetadata
 from harness.chaos.systemctl import unit_active
 
 REPO = Path(__file__).resolve().parents[2]

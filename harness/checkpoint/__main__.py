@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.checkpoint.manifest import CorruptCheckpoint
-from harness.checkpoint.store import Store, StoreError, open_store
+from harness.checkpoint.store import Store, StoreError
+from harness.checkpoint.tiers import open_store
 
 
 def _age(seconds: float) -> str:

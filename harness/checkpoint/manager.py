@@ -29,9 +29,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from harness.checkpoint.manifest import CorruptCheckpoint, FileEntry, Manifest, file_entry
+from harness.checkpoint.promoter import Promoter
+from harness.checkpoint.report import Kind, Report
+from harness.checkpoint.retention import retain
 from harness.checkpoint.safe_load import SafeLoadPlanner, SafeReader
 from harness.checkpoint.snapshot import Snapshotter
-from harness.checkpoint.store import CommitConflict, LocalStore, StoreError, Transfer, TransferAbandoned
+from harness.checkpoint.store import CommitConflict, LocalStore, StoreError
 from harness.checkpoint.tiers import Tier, build_tiers
 from harness.distributed import Dist, all_gather_object, broadcast_object
 from harness.state import TrainState
@@ -72,20 +74,6 @@ class TierUnavailable(StoreError):
 SHARE_OF = "share_of_node"  # manifest meta of a node's share in its own tier
 RESTORE_BASE_TIMEOUT_S = 300.0  # collectives around restore wait this long plus the bytes' estimate
 PROGRESS_LOG_S = 10.0
-
-
-@dataclass
-class Report:
-    """What the engine did, for the loop to forward to telemetry."""
-
-    kind: str  # save | commit | promote | emergency | restore | retention | error
-    step: int
-    tier: str = ""
-    seconds: float = 0.0
-    bytes: int = 0
-    ok: bool = True
-    detail: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -124,7 +112,7 @@ class CheckpointManager:
         # share into a shared tier and the last one to finish commits (GCSStore.put_share).
         self.multi_node = d.world_size > int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
         self._promoters = [
-            _Promoter(self.first, tier, self.multi_node, self._assumed_bytes_per_s(tier), self._report)
+            Promoter(self.first, tier, self.multi_node, self._assumed_bytes_per_s(tier), self._report)
             for tier in self.tiers[1:]
         ] if d.is_node_leader else []
         if d.is_node_leader:
@@ -141,7 +129,7 @@ class CheckpointManager:
         return (tier.assumed_bandwidth_mb_s or self.cfg.assumed_bandwidth_mb_s) * 1e6
 
     def _report(self, report: Report) -> None:
-        if not report.ok and report.kind in ("commit", "promote", "retention"):
+        if not report.ok and report.kind in (Kind.COMMIT, Kind.PROMOTE, Kind.RETENTION):
             self.counters["failed"] += 1
         self.reports.put(report)
 
@@ -157,14 +145,14 @@ class CheckpointManager:
         if skip:
             self.counters["skipped"] += 1
             log.warning("checkpoint at step %d skipped: previous save still in flight (if_busy=skip)", step)
-            return Report("save", step, ok=False, detail="skipped: previous save in flight")
+            return Report(Kind.SAVE, step, ok=False, detail="skipped: previous save in flight")
         t0 = time.perf_counter()
         waited = self._wait_inflight()
         snap = self.snapshotter.take(state.to_dcp())
         self._inflight = self._writer.submit(self._write_and_commit, step, snap, state.progress.sample_index)
         blocking = time.perf_counter() - t0
         self.counters["saves"] += 1
-        return Report("save", step, self.tiers[0].name, blocking, self.snapshotter.bytes,
+        return Report(Kind.SAVE, step, self.tiers[0].name, blocking, self.snapshotter.bytes,
                       extra={"waited_s": waited})
 
     def save_now(self, step: int, state: TrainState, deadline_s: float) -> Report:
@@ -188,7 +176,7 @@ class CheckpointManager:
         seconds = time.perf_counter() - t0
         durable = all(d for _, d in leaders) and seconds <= deadline_s
         tier = leaders[0][0] if all(name == leaders[0][0] for name, _ in leaders) else ",".join(n for n, _ in leaders)
-        report = Report("emergency", step, tier, seconds, self.snapshotter.bytes, ok=durable,
+        report = Report(Kind.EMERGENCY, step, tier, seconds, self.snapshotter.bytes, ok=durable,
                         detail=f"deadline {deadline_s:.1f}s")
         self.reports.put(report)
         log.warning("emergency checkpoint of step %d on %s in %.2fs (%s)", step, tier or "no tier", seconds,
@@ -235,7 +223,7 @@ class CheckpointManager:
                     self.first.delete(step)
             if not outcome.conflict:
                 log.error("checkpoint of step %d failed in %s: %s", step, self.tiers[0], outcome.detail)
-            self._report(Report("commit", step, self.tiers[0].name, ok=False, detail=outcome.detail))
+            self._report(Report(Kind.COMMIT, step, self.tiers[0].name, ok=False, detail=outcome.detail))
             return
         self.last_committed = step
         manifest = self._committed_manifest = outcome.manifest
@@ -243,7 +231,7 @@ class CheckpointManager:
         if self.dist.is_node_leader:
             self._verified.add(step)
             self._retain_first()
-        self._report(Report("commit", step, self.tiers[0].name, time.perf_counter() - t0, manifest.total_bytes))
+        self._report(Report(Kind.COMMIT, step, self.tiers[0].name, time.perf_counter() - t0, manifest.total_bytes))
         if promote:
             for promoter in self._promoters:
                 promoter.offer(step, manifest)
@@ -375,7 +363,7 @@ class CheckpointManager:
                 if self._restored_from[1] is self.tiers[0]:
                     self._verified.add(step)
                 self._after_restore(step, Path(directory), listed, rejected, group)
-                report = Report("restore", step, tier_name, time.perf_counter() - t0,
+                report = Report(Kind.RESTORE, step, tier_name, time.perf_counter() - t0,
                                 extra={"skipped": [f"{t.name}: {r}" for t, _, r, _ in rejected]})
                 self.reports.put(report)
                 return report
@@ -532,36 +520,6 @@ class CheckpointManager:
             self._retain_first()
 
 
-def retain(tier: Tier, pinned: set[int], verified: set[int], report: Callable[[Report], None]) -> None:
-    """Keep the tier's K newest checkpoints, the pinned ones (a promotion is copying them) and always
-    its newest that verifies (fully: a manifest that merely reads is not enough). `verified` caches
-    the steps known whole. A failed delete is reported, never raised."""
-    steps = tier.store.committed_steps()
-    newest_good = None
-    for step in reversed(steps):
-        if step in verified or _verifies(tier, step):
-            verified.add(step)
-            newest_good = step
-            break
-    for step in steps[: max(0, len(steps) - tier.keep)]:
-        if step == newest_good or step in pinned:
-            continue
-        try:
-            tier.store.delete(step)
-            verified.discard(step)
-        except Exception as err:  # noqa: BLE001
-            log.warning("retention: could not delete step %d from %s: %s", step, tier, err)
-            report(Report("retention", step, tier.name, ok=False, detail=str(err)))
-
-
-def _verifies(tier: Tier, step: int) -> bool:
-    try:
-        tier.store.verify(step)
-        return True
-    except (CorruptCheckpoint, StoreError, OSError):
-        return False
-
-
 def _check_listed_files(directory: Path, manifest: Manifest, names: set[str]) -> None:
     """Before a commit: every file of this node that the manifest lists is there with its size."""
     for name in sorted(names):
@@ -627,125 +585,3 @@ def _check_fits(target: dict[str, Any], saved: dict[str, Any], directory: Path) 
         if tuple(have[key].size) != tuple(want[key].shape):
             raise CheckpointMismatch(f"{directory}: '{key}' has shape {tuple(have[key].size)} in the checkpoint "
                                      f"but {tuple(want[key].shape)} in the configured model")
-
-
-class _Promoter:
-    """Copies committed checkpoints from the first tier to one slower tier, in a thread of its own.
-    At most one copy in flight and one pending; a newer checkpoint replaces the pending one (newest
-    wins). What it owns it also releases: `pinned()` is exactly the in-flight and pending steps, so
-    the first tier's retention keeps them and nothing else, on every path (supersede, emergency,
-    failure, close)."""
-
-    def __init__(self, source: LocalStore, tier: Tier, share: bool, assumed_bytes_per_s: float,
-                 report: Callable[[Report], None]):
-        self.source = source
-        self.tier = tier
-        self.share = share and hasattr(tier.store, "put_share")
-        self.bytes_per_s = assumed_bytes_per_s  # until measured: configured, conservative
-        self.report = report
-        self.conflict: CommitConflict | None = None
-        self.holds: set[int] = set()  # steps this promoter committed on its tier (verified on the way)
-        self.superseded = 0
-        self._pending: tuple[int, Manifest] | None = None
-        self._inflight: tuple[int, threading.Event] | None = None
-        self._cv = threading.Condition()
-        self._closed = False
-        self._since_last = 0
-        self._last_time = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=f"ckpt-promote-{tier.name}", daemon=True)
-        self._thread.start()
-
-    def offer(self, step: int, manifest: Manifest) -> None:
-        self._since_last += 1
-        due_count = self._since_last >= self.tier.every
-        due_time = self.tier.every_seconds > 0 and time.monotonic() - self._last_time >= self.tier.every_seconds
-        if not (due_count or due_time):
-            return
-        with self._cv:
-            if self._pending is not None:
-                self.superseded += 1
-                log.info("promotion of step %d to %s superseded by step %d", self._pending[0], self.tier, step)
-            self._pending = (step, manifest)
-            self._cv.notify_all()
-
-    def pinned(self) -> set[int]:
-        with self._cv:
-            return {s for s in (self._pending and self._pending[0], self._inflight and self._inflight[0])
-                    if s is not None}
-
-    def estimate_seconds(self, nbytes: int) -> float:
-        return nbytes / self.bytes_per_s
-
-    def copy_now(self, step: int, manifest: Manifest, deadline: float) -> bool:
-        """The emergency copy, in the caller's thread and within `deadline`: a background copy of
-        the same step may finish it; any other one is abandoned (left uncommitted) and the pending
-        one dropped."""
-        with self._cv:
-            self._pending = None
-            if self._inflight and self._inflight[0] == step:
-                self._cv.wait_for(lambda: self._inflight is None or self._inflight[0] != step,
-                                  timeout=max(0.0, deadline - time.monotonic()))
-                if step in self.holds:
-                    return True
-            if self._inflight:
-                log.warning("emergency save: abandoning the copy of step %d to %s", self._inflight[0], self.tier)
-                self._inflight[1].set()
-        return self._copy(step, manifest, Transfer(deadline=deadline))
-
-    def _copy(self, step: int, manifest: Manifest, transfer: Transfer) -> bool:
-        t0 = time.perf_counter()
-        src = self.source.step_dir(step)
-        store = self.tier.store
-        try:
-            if step not in store.committed_steps():
-                if self.share:
-                    if not store.put_share(step, src, manifest, transfer):  # type: ignore[attr-defined]
-                        log.info("step %d: this node's share is on %s; the last node to finish commits it",
-                                 step, self.tier)
-                else:
-                    store.put_committed(step, src, manifest, transfer)
-            elif (theirs := store.read_manifest(step).attempt) != manifest.attempt:
-                raise CommitConflict(store.url, step, manifest.attempt, theirs)
-            self.holds.add(step)
-            retain(self.tier, set(), self.holds, self.report)
-        except CommitConflict as err:
-            self.conflict = err
-            log.error("%s", err)
-            self.report(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
-            return False
-        except TransferAbandoned as err:
-            log.warning("copy of step %d to %s: %s", step, self.tier, err)
-            self.report(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
-            return False
-        except Exception as err:  # noqa: BLE001 - a slow tier's outage must not stop training
-            log.error("copy of step %d to %s failed: %s", step, self.tier, err)
-            self.report(Report("promote", step, self.tier.name, ok=False, detail=str(err)))
-            return False
-        seconds = time.perf_counter() - t0
-        self.bytes_per_s = manifest.total_bytes / max(seconds, 1e-6)
-        self._since_last, self._last_time = 0, time.monotonic()
-        self.report(Report("promote", step, self.tier.name, seconds, manifest.total_bytes))
-        return True
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._pending is not None or self._closed)
-                if self._pending is None:
-                    return
-                (step, manifest), self._pending = self._pending, None
-                stop = threading.Event()
-                self._inflight = (step, stop)
-            try:
-                self._copy(step, manifest, Transfer(stop=stop))
-            finally:
-                with self._cv:
-                    self._inflight = None
-                    self._cv.notify_all()
-
-    def close(self) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: self._pending is None and self._inflight is None)
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join()

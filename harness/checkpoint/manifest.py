@@ -49,6 +49,19 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
+    def of_step(cls, data: bytes, step: int, where: str) -> Manifest:
+        """A store's manifest of `step` from its bytes: text, well-formed, and for that step, or
+        CorruptCheckpoint naming `where` (every store reads its manifests through this)."""
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise CorruptCheckpoint(where, "manifest is not text") from None
+        manifest = cls.from_json(text, where)
+        if manifest.step != step:
+            raise CorruptCheckpoint(where, f"manifest is for step {manifest.step}, not {step}")
+        return manifest
+
+    @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
         try:
             raw = json.loads(text)

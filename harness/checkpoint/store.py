@@ -9,7 +9,8 @@ is quarantined, never deleted: it stops being committed (the step can be saved a
 are kept under `quarantine/` with a `reason.json` (what failed, when, which incarnation), until a
 person runs `python -m harness.checkpoint purge-quarantine STORE`.
 
-`open_store(url)` picks the implementation: a local path (local SSD, persistent disk) or gs://.
+`open_store(url)` in tiers.py picks the implementation: a local path (local SSD, persistent disk) or
+gs:// (gcs_store.py).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class TransferAbandoned(StoreError):
 class Store(ABC):
     url: str
     is_local: bool = False
+    takes_shares: bool = False  # a multi-node checkpoint can be assembled here, one node's share at a time
 
     @abstractmethod
     def check_access(self) -> None:
@@ -117,6 +119,12 @@ class Store(ABC):
     def put_committed(self, step: int, src_dir: Path, manifest: Manifest, transfer: Transfer | None = None) -> None:
         """Copy a committed checkpoint's files in, then write its manifest last (the commit); within
         `transfer`'s bounds, or TransferAbandoned with nothing committed."""
+
+    def put_share(self, step: int, src_dir: Path, manifest: Manifest, transfer: Transfer | None = None) -> bool:
+        """Upload one node's share of a multi-node checkpoint (`manifest` is the job-wide one); True once
+        every share is there and the step is committed. Only a store shared by every node can."""
+        raise StoreError(f"checkpoint store {self.url!r} holds one node's files only: a multi-node checkpoint "
+                         "needs a tier every node writes to (gs://)")
 
     @abstractmethod
     def fetch(self, step: int, scratch: Path) -> Path:
@@ -187,15 +195,10 @@ class LocalStore(Store):
     def read_manifest(self, step: int) -> Manifest:
         path = self.step_dir(step) / MANIFEST
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except FileNotFoundError:
             raise CorruptCheckpoint(str(path), "manifest missing") from None
-        except UnicodeDecodeError:
-            raise CorruptCheckpoint(str(path), "manifest is not text") from None
-        manifest = Manifest.from_json(text, str(path))
-        if manifest.step != step:
-            raise CorruptCheckpoint(str(path), f"manifest is for step {manifest.step}, not {step}")
-        return manifest
+        return Manifest.of_step(data, step, str(path))
 
     def verify(self, step: int) -> Manifest:
         manifest = self.read_manifest(step)
@@ -331,20 +334,3 @@ def _read_reason(path: Path) -> dict:
         return reason if isinstance(reason, dict) else {"reason": str(reason)}
     except (OSError, ValueError):
         return {}
-
-
-def open_store(url: str, retry_deadline_s: float = 120.0) -> Store:
-    """A store for a URL: gs://bucket/prefix or a local path. Malformed URLs fail naming the URL.
-    `retry_deadline_s` bounds the retries of transient errors of a remote store."""
-    if "://" in url:
-        scheme = url.split("://", 1)[0]
-        if scheme == "gs":
-            from harness.checkpoint.gcs import GCSStore
-
-            return GCSStore(url, retry_deadline_s=retry_deadline_s)
-        if scheme == "file":
-            return LocalStore(url[len("file://") :])
-        raise StoreError(f"checkpoint store {url!r}: unsupported scheme {scheme!r}; use a local path or gs://bucket/prefix")
-    if not url.strip():
-        raise StoreError("checkpoint store '' is empty; use a local path or gs://bucket/prefix")
-    return LocalStore(url)

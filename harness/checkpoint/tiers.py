@@ -1,11 +1,12 @@
 """The ordered list of checkpoint tiers built from config: the first is always a local directory that
-the DCP writer fills; slower tiers receive copies of its committed files."""
+the DCP writer fills; slower tiers receive copies of its committed files. `open_store` is where a
+store's implementation is chosen from its URL."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.checkpoint.store import LocalStore, Store, open_store
+from harness.checkpoint.store import LocalStore, Store, StoreError
 
 
 @dataclass
@@ -20,6 +21,23 @@ class Tier:
 
     def __str__(self) -> str:
         return f"{self.name} ({self.store.url})"
+
+
+def open_store(url: str, retry_deadline_s: float = 120.0) -> Store:
+    """A store for a URL: gs://bucket/prefix or a local path. Malformed URLs fail naming the URL.
+    `retry_deadline_s` bounds the retries of transient errors of a remote store."""
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        if scheme == "gs":
+            from harness.checkpoint.gcs_store import GCSStore
+
+            return GCSStore(url, retry_deadline_s=retry_deadline_s)
+        if scheme == "file":
+            return LocalStore(url[len("file://") :])
+        raise StoreError(f"checkpoint store {url!r}: unsupported scheme {scheme!r}; use a local path or gs://bucket/prefix")
+    if not url.strip():
+        raise StoreError("checkpoint store '' is empty; use a local path or gs://bucket/prefix")
+    return LocalStore(url)
 
 
 def build_tiers(cfg) -> list[Tier]:

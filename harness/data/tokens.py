@@ -1,7 +1,7 @@
 """Memory-mapped uint16 token files (nanoGPT's .bin), local or in GCS: `data=tokens`.
 
 `data.path` is one file, `data.paths` a list of shards; each is a local path or a gs:// URL. gs://
-files are copied once per VM into `data.cache_dir` and verified first (harness/data/gcs.py); every
+files are copied once per VM into `data.cache_dir` and verified first (harness/data/gcs_cache.py); every
 file is then memory-mapped.
 
 Sample i is a window of block_size + 1 tokens. Shard k holds (tokens_k - 1) // block_size windows, its
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from harness.config import ConfigError
-from harness.data import gcs
+from harness.data import gcs_cache as gcs
 
 
 class TokenFile:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 from harness import job_end
 from harness.checkpoint.store import StoreError
-from harness.preemption import metadata
+from harness.preemption import gce_metadata as metadata
 
 QUEUE_KEY = "spot-sweep-queue"
 READ_RETRY_S = 10.0
@@ -94,7 +94,7 @@ class Queue:
 def finished_runs(queue: Queue) -> set[str]:
     """The jobs whose `finished` record in the bucket reaches their train.max_steps. A record that cannot
     be read counts as not finished: the job keeps its place (never one job too many)."""
-    from harness.checkpoint.gcs import GCSStore
+    from harness.checkpoint.gcs_store import GCSStore
 
     done = set()
     for e in queue.jobs:

@@ -20,7 +20,7 @@ Contract of sweep.json (rewritten whole, atomically, whenever a job changes stat
 - `failed`: exited otherwise; `root_cause` says why (the trainer's or torchrun's error line).
 Everything but the live process state comes from the job's durable tier, the same on this machine
 and in the bucket: the `finished` record (final step, loss, model_sha256) and the goodput ledger
-(harness/telemetry/goodput.py: goodput, restarts, preemptions, cost from the prices the job recorded,
+(harness/telemetry/breakdown.py: goodput, restarts, preemptions, cost from the prices the job recorded,
 the W&B run id). `exact` is the local Spot cloud's verdict (chaos_report.json), else null.
 """
 
@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from harness import job_end
-from harness.checkpoint.store import StoreError, open_store
+from harness.checkpoint.store import StoreError
+from harness.checkpoint.tiers import open_store
 from harness.cost import CostModel
 from harness.sweep.jobs import Job, Sweep
-from harness.telemetry.goodput import PRODUCTIVE, breakdown
+from harness.telemetry.breakdown import PRODUCTIVE, breakdown
 from harness.telemetry.ledger import ledger_location, read_ledger
 from harness.telemetry.telemetry import run_id_of
 

@@ -25,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from harness.config import ConfigError
 from harness.cost import CostModel
 from harness.telemetry import events as ev
-from harness.telemetry.config import TelemetryConfig, telemetry_config
-from harness.telemetry.goodput import CHECKPOINT, PRODUCTIVE, Breakdown, breakdown
+from harness.telemetry.breakdown import CHECKPOINT, PRODUCTIVE, Breakdown, breakdown
 from harness.telemetry.interval import estimate_mtbi_s
 from harness.telemetry.ledger import Ledger, new_incarnation_id, read_ledger
 from harness.telemetry.monitoring_sink import MonitoringSink
+from harness.telemetry.schema import TelemetryConfig, telemetry_config
 from harness.telemetry.wandb_sink import WandbSink
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.telemetry.goodput import CATEGORIES, Breakdown
+from harness.telemetry.breakdown import CATEGORIES, Breakdown
 
 COLORS = {
     "productive": "#2ca02c", "startup": "#ffbf00", "restore": "#9467bd", "checkpoint": "#1f77b4",

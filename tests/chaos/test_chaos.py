@@ -23,16 +23,16 @@ from harness import config
 from harness.chaos.__main__ import compose
 from harness.chaos.cloud import RELEASE, vm_specs
 from harness.chaos.differences import CATEGORIES, JOB, METADATA, differences
-from harness.chaos.metadata import FakeMetadata
+from harness.chaos.fake_metadata import FakeMetadata
 from harness.chaos.schedule import Preemption, build, explicit, exponential
-from harness.checkpoint.gcs import GCSStore
+from harness.checkpoint.gcs_store import GCSStore
 from harness.checkpoint.manifest import Manifest, file_entry
 from harness.launch import torchrun_command
 from infra import vm as infra_vm
 from tests import runs
 from tests.gcs_emulator import FakeGCS
 
-# Two Spot workers x 1 process (conf/chaos/default.yaml's job); seed 1728 at mtbi_s=50 preempts worker-1
+# Two Spot workers x 1 process (harness/chaos/conf/chaos.yaml's job); seed 1728 at mtbi_s=50 preempts worker-1
 # 6.0 s and worker-0 27.0 s after the first step, then nothing before 154 s. 500 steps take at least 25 s
 # of paced steps plus a restart, so the second preemption always lands in training, and the job ends long
 # before the third.
@@ -161,7 +161,7 @@ def assert_finished_and_rejoined(report: dict, context: str, world_size: int) ->
     """Finished at the full size, no step lost or repeated, every recreated worker back in (the world
     size never changed, so the job could not train without it)."""
     assert report["finished"] and report["final_step"] == 500, context
-    assert report["lost_steps"] == 0 and report["repeated_samples"] == 0, context
+    assert report["lost_steps"] == 0 and report["repeated_samples"] == report["skipped_samples"] == 0, context
     # A preemption can land while the job is still restarting from the previous one: >= 1 restart.
     assert report["world_sizes"] == [world_size] and report["restarts"] >= 1, context
     vms = {vm["name"]: vm for vm in report["vms"]}
@@ -240,7 +240,7 @@ def test_shrink_trains_on_with_the_survivors_while_a_worker_is_down(tmp_path: Pa
                                 "topology.workers.min=1", "chaos.recreate_s=6", "chaos.reference=false")
     assert report["finished"] and report["final_step"] == 500, context
     assert sorted(set(report["world_sizes"])) == [2, 3], context
-    assert report["lost_steps"] == 0 and report["repeated_samples"] == 0, context
+    assert report["lost_steps"] == 0 and report["repeated_samples"] == 0 and report["skipped_samples"] == 0, context
     assert report["vms"][0]["boots"] == 1 and 75 not in report["vms"][0]["unit_exits"], context
 
 

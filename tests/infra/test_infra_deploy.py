@@ -1,7 +1,7 @@
 """`make deploy | plan | destroy` against a stub `terraform` that records its calls and a stub `gcloud`
 that answers the prerequisite checks (there is no GCP here: stubs on PATH are how `make deploy` is
 tested), with the release published to fake-gcs-server and the Compute API's resize calls recorded by a
-local HTTP server (harness/chaos/compute.py: there is no Compute emulator).
+local HTTP server (harness/chaos/fake_compute.py: there is no Compute emulator).
 
 The deploys here run as for an image that brings torch (`infra.image.torch=2.13.0
 infra.wheelhouse.torch=false`): the CUDA build of torch and its CUDA libraries are gigabytes, so the
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from harness import job_end
-from harness.chaos.compute import FakeCompute
-from harness.checkpoint.gcs import GCSStore
+from harness.chaos.fake_compute import FakeCompute
+from harness.checkpoint.gcs_store import GCSStore
 from infra import release
 from infra.__main__ import main
 from infra.settings import REPO

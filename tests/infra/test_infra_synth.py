@@ -9,8 +9,8 @@ import pytest
 from harness import config as job_config
 from harness.config import ConfigError, structured
 from harness.telemetry import metric_names as mn
-from harness.telemetry.config import TelemetryConfig
 from harness.telemetry.monitoring_sink import METRICS as SINK_METRICS
+from harness.telemetry.schema import TelemetryConfig
 from infra.vm import PD_DEVICE, job_overrides
 from tests.infra.conftest import REAL_STARTUP, TOPOLOGIES, real_startup_present
 

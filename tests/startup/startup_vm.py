@@ -1,5 +1,5 @@
 """A stubbed VM for running startup/*.sh as an ordinary process, against the local Spot cloud's fake
-metadata server (harness/chaos/metadata.py).
+metadata server (harness/chaos/fake_metadata.py).
 
 The scripts run for real: bash, curl against the fake server, files written under a temp SPOT_ROOT.
 Only the commands with effects on the machine are stubs (tests/startup/stubs, first on PATH); each
@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.chaos.metadata import FakeMetadata
+from harness.chaos.fake_metadata import FakeMetadata
 from harness.chaos.systemctl import parse_exec_start
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 import time
 
-from harness.chaos.monitoring import FakeMonitoring
+from harness.chaos.fake_monitoring import FakeMonitoring
 from harness.config import load
-from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
+from harness.telemetry.telemetry import Telemetry
 
 
 def main(run_dir: str, first: int, last: int, exit_code: int, address: str, overrides: list[str]) -> None:

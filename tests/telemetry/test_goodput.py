@@ -8,7 +8,7 @@ import pytest
 
 from harness.goodput import find_ledger, main
 from harness.telemetry import events as ev
-from harness.telemetry.goodput import CATEGORIES, breakdown
+from harness.telemetry.breakdown import CATEGORIES, breakdown
 
 T0 = 1_000_000.0
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from google.api.metric_pb2 import MetricDescriptor
 
-from harness.chaos.monitoring import FakeMonitoring
+from harness.chaos.fake_monitoring import FakeMonitoring
 from harness.telemetry import metric_names
 from harness.telemetry.monitoring_sink import METRICS, MonitoringSink
 

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from harness.chaos.monitoring import FakeMonitoring
+from harness.chaos.fake_monitoring import FakeMonitoring
 from harness.config import ConfigError, load
-from harness.telemetry import Telemetry
 from harness.telemetry import events as ev
-from harness.telemetry.config import telemetry_config
 from harness.telemetry.ledger import read_ledger
+from harness.telemetry.schema import telemetry_config
+from harness.telemetry.telemetry import Telemetry
 
 
 def start(tmp_path, *overrides: str, rank: int = 0, local_rank: int = 0, **kw) -> Telemetry:

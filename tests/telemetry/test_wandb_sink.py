@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.chaos.monitoring import FakeMonitoring
+from harness.chaos.fake_monitoring import FakeMonitoring
 from harness.telemetry import metric_names
 from harness.telemetry.ledger import read_ledger
 from harness.telemetry.wandb_reader import offline_runs

@@ -101,6 +101,8 @@ class _HashingWriter:
 
 
 class GCSStore(Store):
+    takes_shares = True
+
     def __init__(
         self,
         url: str,
@@ -231,14 +233,7 @@ class GCSStore(Store):
                 data = self.bucket.blob(name).download_as_bytes(retry=self._retry)
             except api.NotFound:
                 raise CorruptCheckpoint(where, "manifest missing") from None
-        try:
-            text = data.decode()
-        except UnicodeDecodeError:
-            raise CorruptCheckpoint(where, "manifest is not text") from None
-        manifest = Manifest.from_json(text, where)
-        if manifest.step != step:
-            raise CorruptCheckpoint(where, f"manifest is for step {manifest.step}, not {step}")
-        return manifest
+        return Manifest.of_step(data, step, where)
 
     def verify(self, step: int) -> Manifest:
         """Sizes and CRC32Cs from the object metadata (GCS computed them on upload): no download."""
