@@ -31,7 +31,7 @@ def test_the_version_changes_with_the_trainer_or_the_config_and_not_with_the_sim
     before = release.version()
     with open(tree / "harness" / "chaos" / "cloud.py", "a") as f:
         f.write("\n# an edit of the simulator\n")
-    (tree / "harness" / "chaos" / "conf" / "chaos" / "default.yaml").write_text("mtbi_s: 1\n")
+    (tree / "harness" / "chaos" / "conf" / "chaos.yaml").write_text("mtbi_s: 1\n")
     assert release.version() == before, "the simulator is not part of the release"
     with open(tree / "harness" / "train.py", "a") as f:
         f.write("\n# an edit of the trainer\n")
