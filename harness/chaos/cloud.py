@@ -246,7 +246,7 @@ class Cloud:
                 summary_seen = now
                 self._event(now, "finished", "job", "summary.json written")
             if summary_seen is not None and (
-                    all(s.vm is None or s.vm.trainer_finished() for s in self.trainers)
+                    all(self._unit_ended(s) for s in self.trainers)
                     or now > summary_seen + FINISH_GRACE_S):
                 self._delete_retired(time.time())
                 return True, summary, clock
@@ -265,8 +265,7 @@ class Cloud:
             # Deleted once its unit has ended; the store's host once every trainer's has (their agents'
             # exit barrier goes through it, as a MIG's graceful delete gives them time to).
             ended = vm is None or slot.state == State.PREEMPTED or (
-                vm.trainer_finished() if slot.trains
-                else all(t.vm is None or t.vm.trainer_finished() for t in self.trainers))
+                self._unit_ended(slot) if slot.trains else all(self._unit_ended(t) for t in self.trainers))
             if ended:
                 self._delete(slot, now)
             return
@@ -287,6 +286,12 @@ class Cloud:
                 self._power_off(slot, now, f"{how}, {now - slot.since:.1f}s after the notice")
         elif slot.state == State.DOWN and slot.recreate_at is not None and now >= slot.recreate_at:
             self._boot(slot, now)
+
+    def _unit_ended(self, slot: Slot) -> bool:
+        """The slot's training unit has run and ended, and its exit is in the VM's journal (deleting the
+        VM before that line is written would lose it)."""
+        return slot.vm is None or (slot.vm.trainer_finished()
+                                   and bool(unit_exits(slot.logs(self.out, slot.boots), TRAIN_UNIT)))
 
     def _probe(self, slot: Slot, now: float) -> None:
         """The deployment's health check, time-compressed: HTTP /healthz on a trainer, TCP on the store."""
