@@ -301,12 +301,7 @@ class Cloud:
             return
         timeout = min(1.0, float(check.timeout_s))
         if slot.trains:
-            port = int(slot.spec.attributes["spot-health-port"])
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as resp:
-                    healthy = resp.status == 200
-            except (OSError, urllib.error.URLError):
-                healthy = False
+            healthy = self._healthz(slot, timeout)[0] == 200
         else:
             try:
                 with socket.create_connection(("127.0.0.1", self.rdzv_port), timeout=timeout):
@@ -320,18 +315,22 @@ class Cloud:
             self._event(now, "autoheal", slot.spec.name, f"{check.unhealthy_threshold} failed health checks")
             self._power_off(slot, now, "recreated by autohealing")
 
+    def _healthz(self, slot: Slot, timeout: float) -> tuple[int | None, str | None]:
+        """The VM's GET /healthz: its status code and phase; (None, None) when it does not answer."""
+        port = int(slot.spec.attributes["spot-health-port"])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read()).get("phase")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}").get("phase")
+        except (OSError, ValueError):
+            return None, None
+
     def _phase(self, slot: Slot) -> str | None:
         """The phase the VM's /healthz reports now, None when it does not answer."""
         if slot.vm is None or slot.state not in (State.BOOTING, State.UP) or not slot.trains:
             return None
-        port = int(slot.spec.attributes["spot-health-port"])
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1.0) as resp:
-                return json.loads(resp.read()).get("phase")
-        except urllib.error.HTTPError as err:
-            return json.loads(err.read() or b"{}").get("phase")
-        except (OSError, ValueError):
-            return None
+        return self._healthz(slot, 1.0)[1]
 
     def _delete(self, slot: Slot, now: float) -> None:
         """The MIG was resized to 0: the VM is deleted and never recreated."""
