@@ -289,6 +289,7 @@ def loop(job: Job) -> int:
         if loss is None:  # abandoned on a notice: the state (RNG included) is the last completed step
             continue
         step, seconds = state.progress.step, time.perf_counter() - t0
+        job.ckpt.prepare(state)  # once per process: buffers allocated while the next steps train
         job.health.step_done(step)
         display.update(step, loss, seconds)
         job.last_loss = loss

@@ -1,10 +1,13 @@
 """The checkpoint engine: asynchronous saves, atomic commits, promotion to slower tiers, retention,
 verified restore, and the emergency `save_now`.
 
-The path of a periodic save: the loop calls `save`, which waits only while the state is copied into
-reused host buffers; a writer thread then runs DCP into an attempt directory of the first tier, every
-rank reports the CRC32C of the files it wrote, each node leader checks that every file of its node is
-there with its size, writes the manifest and renames the directory into place (the commit).
+The path of a periodic save: the loop calls `save`, which waits only while this rank's share of the
+state is copied into host buffers allocated ahead of time (snapshot.py; `prepare` decides the shares
+and starts the allocation); a writer thread then runs DCP into an attempt directory of the first tier,
+every rank reports the size and CRC32C of the files it wrote (computed as they were written,
+dcp_writer.py), each node leader checks that every file of its node is there with its size, writes
+the manifest and renames the directory into place (the commit). A snapshot that cannot get its host
+memory is a failed save, agreed by every rank like any other failure.
 Committed checkpoints are copied to slower tiers in the background, newest first, and each tier
 keeps its K newest and always its newest verified one.
 
@@ -38,16 +41,16 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from harness.checkpoint.manifest import CorruptCheckpoint, FileEntry, Manifest, file_entry
+from harness.checkpoint.dcp_writer import ChecksummingWriter
+from harness.checkpoint.manifest import CorruptCheckpoint, FileEntry, Manifest
 from harness.checkpoint.promoter import Promoter
 from harness.checkpoint.report import Kind, Report
 from harness.checkpoint.retention import retain
 from harness.checkpoint.safe_load import SafeLoadPlanner, SafeReader
-from harness.checkpoint.snapshot import Snapshotter
+from harness.checkpoint.snapshot import SnapshotFailed, Snapshotter, share_out
 from harness.checkpoint.store import CommitConflict, LocalStore, StoreError
 from harness.checkpoint.tiers import Tier, build_tiers
 from harness.distributed import Dist, all_gather_object, broadcast_object
@@ -98,7 +101,8 @@ class CheckpointManager:
             tier.store.check_access()
         self.incarnation = broadcast_object(d, uuid.uuid4().hex[:8], group=d.ckpt_group)
         self.node = d.node
-        self.snapshotter = Snapshotter()
+        self.snapshotter = Snapshotter(d.rank)
+        self._prepared = False
         self.reports: queue.Queue[Report] = queue.Queue()
         self.counters = {"saves": 0, "skipped": 0, "waited": 0, "failed": 0, "quarantined": 0}
         self.last_committed: int | None = None  # the same on every rank (see _write_and_commit)
@@ -139,21 +143,47 @@ class CheckpointManager:
     def busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
 
+    def prepare(self, state: TrainState) -> None:
+        """Collective, once the state holds everything a save copies (the loop calls it after the first
+        step of each process, when the optimizer has its state): rank 0 splits the tensors replicated on
+        every rank among the ranks, every rank receives the split, and this rank's buffers are
+        allocated in the background. Saves before it copy everything (DCP writes each tensor once).
+        Later calls return at once. The split travels on the default group, which only the training
+        thread uses (the writer's collectives run on the checkpoint group)."""
+        if self._prepared:
+            return
+        self._prepared = True
+        sd = state.to_dcp()
+        owner = share_out(sd, self.dist.world_size) if self.dist.is_main else None
+        self.snapshotter.owner = broadcast_object(self.dist, owner) if self.dist.world_size > 1 else None
+        self.snapshotter.allocate_in_background(sd)
+
     def save(self, step: int, state: TrainState, skip: bool = False) -> Report:
-        """A periodic save; returns once the state is snapshotted. `skip` must be agreed by all ranks
-        (the loop learns whether any rank is still busy through its per-step collective)."""
+        """A periodic save; returns once this rank's share is snapshotted. `skip` must be agreed by all
+        ranks (the loop learns whether any rank is still busy through its per-step collective)."""
         if skip:
             self.counters["skipped"] += 1
             log.warning("checkpoint at step %d skipped: previous save still in flight (if_busy=skip)", step)
             return Report(Kind.SAVE, step, ok=False, detail="skipped: previous save in flight")
         t0 = time.perf_counter()
         waited = self._wait_inflight()
-        snap = self.snapshotter.take(state.to_dcp())
-        self._inflight = self._writer.submit(self._write_and_commit, step, snap, state.progress.sample_index)
+        snap, failure = self._snapshot(state)
+        self._inflight = self._writer.submit(self._write_and_commit, step, snap, state.progress.sample_index,
+                                             failure=failure)
         blocking = time.perf_counter() - t0
         self.counters["saves"] += 1
-        return Report(Kind.SAVE, step, self.tiers[0].name, blocking, self.snapshotter.bytes,
-                      extra={"waited_s": waited})
+        return Report(Kind.SAVE, step, self.tiers[0].name, blocking, self.snapshotter.bytes, ok=failure is None,
+                      detail=failure or "", extra={"waited_s": waited,
+                                                   "allocated_bytes": self.snapshotter.allocated_in_take})
+
+    def _snapshot(self, state: TrainState) -> tuple[dict[str, Any] | None, str | None]:
+        """This rank's share of the state in host buffers, or the reason it could not be had; the writer
+        shares that outcome with every rank (a rank alone must not skip a collective save)."""
+        try:
+            return self.snapshotter.take(state.to_dcp()), None
+        except SnapshotFailed as err:
+            log.error("checkpoint snapshot failed: %s", err)
+            return None, str(err)
 
     def save_now(self, step: int, state: TrainState, deadline_s: float) -> Report:
         """Make the current state durable on the fastest durable tier that fits the deadline, never
@@ -162,8 +192,8 @@ class CheckpointManager:
         deadline = time.monotonic() + deadline_s
         self._wait_inflight()
         if self.last_committed != step:
-            snap = self.snapshotter.take(state.to_dcp())
-            self._write_and_commit(step, snap, state.progress.sample_index, promote=False)
+            snap, failure = self._snapshot(state)
+            self._write_and_commit(step, snap, state.progress.sample_index, promote=False, failure=failure)
         reached: Tier | None = None
         if self.last_committed == step:
             reached = self._durable_home(step)
@@ -206,13 +236,15 @@ class CheckpointManager:
         errors = all_gather_object(self.dist, error, group=group or self.dist.ckpt_group)
         return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
 
-    def _write_and_commit(self, step: int, snap: dict[str, Any], sample_index: int, promote: bool = True) -> None:
+    def _write_and_commit(self, step: int, snap: dict[str, Any] | None, sample_index: int, promote: bool = True,
+                          failure: str | None = None) -> None:
         """Writer thread: DCP into an attempt directory, gather CRCs, leaders commit; never raises.
-        Every rank makes the same collective calls whatever fails where, so no rank is left waiting."""
+        Every rank makes the same collective calls whatever fails where, so no rank is left waiting;
+        `failure` is this rank's reason it has no snapshot."""
         t0 = time.perf_counter()
         attempt = f"{self.incarnation}-{step}"
         attempt_dir = self.first.attempt_dir(step, attempt)
-        outcome = self._save_collectively(step, snap, sample_index, attempt, attempt_dir)
+        outcome = self._save_collectively(step, snap, sample_index, attempt, attempt_dir, failure)
         if outcome.conflict:
             self._conflict = outcome.conflict
             log.error("%s", outcome.conflict)
@@ -236,37 +268,31 @@ class CheckpointManager:
             for promoter in self._promoters:
                 promoter.offer(step, manifest)
 
-    def _save_collectively(self, step: int, snap: dict[str, Any], sample_index: int, attempt: str,
-                           attempt_dir: Path) -> _Outcome:
+    def _save_collectively(self, step: int, snap: dict[str, Any] | None, sample_index: int, attempt: str,
+                           attempt_dir: Path, failure: str | None) -> _Outcome:
         d = self.dist
-        error = None
-        try:
-            attempt_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            error = f"cannot create {attempt_dir}: {err}"
+        error = failure
+        if error is None:
+            try:
+                attempt_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                error = f"cannot create {attempt_dir}: {err}"
         if failed := self._gather_failures(error):
             return _Outcome(False, failed)
+        writer = ChecksummingWriter(attempt_dir, sync_files=True, thread_count=self.cfg.write_threads)
         try:  # DCP gathers every rank's planning and writing errors and raises on all ranks alike
-            writer = FileSystemWriter(attempt_dir, sync_files=True, thread_count=self.cfg.write_threads)
             with _without_zip_crc32():
                 dcp.save(snap, storage_writer=writer, process_group=d.ckpt_group)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - a failed save must not kill training
             return _Outcome(False, f"DCP save failed: {str(err).strip().splitlines()[-1]}")
-        mine: dict[str, FileEntry] = {}
-        error = None
-        try:
-            mine = {p.name: file_entry(p) for p in attempt_dir.iterdir() if _written_by(p.name, d.rank)}
-        except OSError as err:
-            error = f"cannot checksum the files written to {attempt_dir}: {err}"
-        parts = all_gather_object(d, (self.node, mine, error), group=d.ckpt_group)
-        if failed := next((f"rank {r}: {e}" for r, (_, _, e) in enumerate(parts) if e), None):
-            return _Outcome(False, failed)
-        entries = {name: entry for _, files, _ in parts for name, entry in files.items()}
+        mine: dict[str, FileEntry] = {name: e for name, e in writer.entries.items() if _written_by(name, d.rank)}
+        parts = all_gather_object(d, (self.node, mine), group=d.ckpt_group)
+        entries = {name: entry for _, files in parts for name, entry in files.items()}
         meta = {"sample_index": sample_index}
         manifest = Manifest(step=step, files=entries, attempt=attempt, world_size=d.world_size, meta=meta)
         error, conflict, committed_here = None, None, False
         if d.is_node_leader:
-            ours = {name: entry for node, files, _ in parts if node == self.node for name, entry in files.items()}
+            ours = {name: entry for node, files in parts if node == self.node for name, entry in files.items()}
             # Several nodes: this node's first tier holds its share, under a manifest of its own (so
             # the share verifies); the job-wide manifest goes to the shared tier with every share.
             local = manifest if not self.multi_node else Manifest(
