@@ -8,7 +8,8 @@ ARGS ?=
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lint test train checkpoints goodput cost-plan chaos bench-checkpoint bench-preemption bench-goodput bench-chaos-dense
+.PHONY: setup lint test train checkpoints goodput cost-plan chaos bench-checkpoint bench-preemption bench-goodput bench-chaos-dense \
+	bench-step bench-restart
 
 setup: $(STAMP)
 
@@ -60,11 +61,19 @@ bench-chaos-dense: setup
 	$(PY) -m bench.chaos_dense $(ARGS)
 
 bench-checkpoint: setup
-	$(PY) -m bench.checkpoint --sizes 0.1 1 4 --sharded-gb 1
+	$(PY) -m bench.checkpoint --sizes 0.1 1 4 --sharded-gb 1 $(ARGS)
 
 bench-preemption: setup
 	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone \
 		--nproc-per-node=2 -m bench.preemption $(ARGS)
+
+# Our loop (python -m harness.train, default config) against a bare DDP loop, 2 ranks: bench/results/step.json.
+bench-step: setup
+	$(PY) -m bench.step $(ARGS)
+
+# Launcher start -> first step after a restore, split by phase, against the tree before issue 16: bench/results/restart.json.
+bench-restart: setup
+	$(PY) -m bench.restart $(ARGS)
 
 # --- infra ---
 # Terraform for Google Cloud from the same config tree: `make deploy ARGS="infra.project=my-proj

@@ -48,9 +48,10 @@ if _PATH and hasattr(train, "ProgressDisplay"):
             self._record = open(_PATH, "a", buffering=1)  # noqa: SIM115 - lives as long as the loop
             self._record.write(_header() + "\n")
 
-        def update(self, step: int, loss: float, step_seconds: float) -> None:
+        def update(self, step: int, loss: float | None, step_seconds: float) -> None:
             super().update(step, loss, step_seconds)
-            self._record.write(f"{step} {float(loss)!r}\n")
+            if loss is not None:  # read only at the steps the display shows (train.log_interval=1: all)
+                self._record.write(f"{step} {float(loss)!r}\n")
 
         def close(self) -> None:
             super().close()

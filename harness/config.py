@@ -178,6 +178,9 @@ class LaunchConfig:
     # torchrun --rdzv-conf, e.g. "is_host=False" when a store outside the agents (harness.rendezvous) hosts it
     rdzv_conf: str = ""
     module: str = "harness.train"  # what torchrun runs on every rank (the chaos baseline runs its own)
+    # fork | exec | auto: torchrun forks the workers from its agent (torch already imported: a faster
+    # restart) or starts an interpreter for each; auto forks unless the node has NVIDIA GPUs.
+    workers: str = "auto"
 
 
 @dataclass
@@ -293,6 +296,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; raises ConfigError naming the key."""
     _positive("train.max_steps", cfg.train.max_steps)
     _positive("train.global_batch_size", cfg.train.global_batch_size)
+    _positive("train.log_interval", cfg.train.log_interval)
     _positive("train.micro_batch_size", cfg.train.micro_batch_size, zero_ok=True)
     if cfg.train.grad_accum is not None:
         _positive("train.grad_accum", cfg.train.grad_accum)
@@ -319,6 +323,7 @@ def validate(cfg: DictConfig) -> None:
     one_of("checkpoint.if_busy", cfg.checkpoint.if_busy, ("wait", "skip"))
     one_of("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
     _positive("launch.nproc_per_node", cfg.launch.nproc_per_node)
+    one_of("launch.workers", cfg.launch.workers, ("auto", "fork", "exec"))
     _positive("preemption.deadline_s", cfg.preemption.deadline_s)
     for key in ("stall_s", "rendezvous_s", "restore_s", "save_s"):
         _positive(f"health.{key}", cfg.health[key])

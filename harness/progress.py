@@ -28,11 +28,17 @@ class ProgressDisplay:
                                             rate=0.0)
             self._bar.start()
 
-    def update(self, step: int, loss: float, step_seconds: float) -> None:
+    def shows(self, step: int) -> bool:
+        """Whether `update(step, ...)` displays: every `log_interval` steps and the last. The loop reads
+        the loss to the host only at these steps (a read waits for the device)."""
+        return step % self.log_interval == 0 or step == self.max_steps
+
+    def update(self, step: int, loss: float | None, step_seconds: float) -> None:
+        """`loss`: the step's loss, read; None where `shows(step)` is False (nothing displays it)."""
         if not self.enabled:
             return
         self._steps_since += 1
-        if step % self.log_interval and step != self.max_steps:
+        if not self.shows(step):
             return
         now = time.perf_counter()
         self.steps_per_s = self._steps_since / max(now - self._t_last, 1e-9)

@@ -122,11 +122,14 @@ class Stepper:
         self.model.train()
         restore_rng(rng, d.device)
 
-    def step(self, state: TrainState) -> float | None:
-        """The step at `state.progress`; its mean loss on this rank, None if abandoned."""
+    def step(self, state: TrainState) -> torch.Tensor | None:
+        """The step at `state.progress`; None if abandoned. Returns its mean loss on this rank as a detached
+        0-dim float64 tensor on the device, not yet read: `.item()` waits for the device, so the loop reads
+        it only where it logs. float64 sums the micro-batch losses in the order and precision that Python
+        floats did (the logged value is the same number)."""
         d, plan, progress = self.dist, self.plan, state.progress
         indices = rank_indices(progress.sample_index, plan.global_batch, d.rank, d.world_size)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
         for micro in range(plan.grad_accum):
             if micro and self.abandon():
                 self.optimizer.zero_grad(set_to_none=True)
@@ -136,7 +139,7 @@ class Stepper:
             with parallel.gradient_sync(self.model, micro == plan.grad_accum - 1):
                 loss = self.micro_loss(part)
                 (loss / plan.grad_accum).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         set_lr(self.optimizer, lr_at(progress.step, self.cfg.train.max_steps, self.cfg.optim, plan.lr_scale))
         self.optimizer.step()
@@ -146,6 +149,13 @@ class Stepper:
         progress.step += 1
         progress.sample_index += plan.global_batch
         return loss_sum / plan.grad_accum
+
+
+def device_done(d: distributed.Dist) -> None:
+    """Wait for the work queued on this rank's device (nothing to wait for on CPU). The loss stays on the
+    device; only the step's end is observed."""
+    if d.device.type == "cuda":
+        torch.cuda.current_stream(d.device).synchronize()
 
 
 def autocast_for(d: distributed.Dist) -> AbstractContextManager:
@@ -288,14 +298,17 @@ def loop(job: Job) -> int:
         loss = stepper.step(state)
         if loss is None:  # abandoned on a notice: the state (RNG included) is the last completed step
             continue
+        device_done(d)  # the step's time is the device's: the agreement would wait for this work anyway
         step, seconds = state.progress.step, time.perf_counter() - t0
         job.ckpt.prepare(state)  # once per process: buffers allocated while the next steps train
         job.health.step_done(step)
-        display.update(step, loss, seconds)
-        job.last_loss = loss
+        read = loss.item() if display.shows(step) else None  # the step's one device->host read, if any
+        display.update(step, read, seconds)
+        if read is not None:  # the last step is always read: summary.json's final_loss is its loss
+            job.last_loss = read
         metrics = None
-        if step % cfg.train.log_interval == 0:
-            metrics = {"loss": loss, "lr": job.optimizer.param_groups[0]["lr"], "world_size": d.world_size,
+        if step % cfg.train.log_interval == 0:  # a step the display shows: `read` holds its loss
+            metrics = {"loss": read, "lr": job.optimizer.param_groups[0]["lr"], "world_size": d.world_size,
                        "tokens_per_s": tokens_per_step / seconds}
         job.tel.on_step(step, seconds, metrics)
         for report in job.ckpt.drain_reports():

@@ -34,6 +34,7 @@ def test_defaults_compose_and_carry_the_contract_keys():
         ("no_such_key=1", "no_such_key"),
         ("checkpoint.nope=1", "nope"),
         ("train.max_steps=0", "train.max_steps"),
+        ("train.log_interval=0", "train.log_interval"),
         ("wandb.mode=sometimes", "wandb.mode"),
         ("checkpoint.interval_steps=soon", "checkpoint.interval_steps"),
         ("preemption.in_flight_step=maybe", "preemption.in_flight_step"),
