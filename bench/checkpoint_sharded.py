@@ -4,15 +4,18 @@
 
 Run by `make bench-checkpoint` for both strategies (bench/checkpoint.py's `sharded` rows). The state is
 bench/checkpoint.py's (stacked nn.Linear layers + AdamW state), wrapped as the trainer wraps a model
-(harness/parallel.py: each layer sharded under FSDP, DDP otherwise), saved by the engine twice: the
-second save's pause, each rank's snapshot bytes, the bytes each rank wrote, and the time to commit.
-Rank 0 prints one JSON line `sharded: {...}` that bench/checkpoint.py collects.
+(harness/parallel.py: each layer sharded under FSDP, DDP otherwise). As the trainer does after its first
+step, every rank calls CheckpointManager.prepare (where the engine has it: it decides each rank's share of
+the state) and waits for its buffers; then the engine saves twice: the second save's pause, each rank's
+snapshot bytes (issue 16's target: about 1/world size each), the bytes each rank wrote, and the time to
+commit. Rank 0 prints one JSON line `sharded: {...}` that bench/checkpoint.py collects.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +23,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from bench.checkpoint import GB, engine_config, layers_for, one_save
+from bench.checkpoint import GB, engine_config, layers_for, one_save, prepare
 from harness import distributed, parallel
 from harness.checkpoint.manager import CheckpointManager
 from harness.state import TrainState
@@ -54,19 +57,28 @@ def main() -> None:
     try:
         state = build(args.gb, args.parallelism, d)
         manager = CheckpointManager(engine_config(root / args.parallelism, write_threads=2, keep=2), d)
-        one_save(manager, state, 1)  # allocates the buffers
+        prepared = prepare(manager, state)
+        one_save(manager, state, 1)
         second = one_save(manager, state, 2)
         manager.close()
         step_dir = next((root / args.parallelism / "store").glob("step_*2"))
         written = sum(f.stat().st_size for f in step_dir.glob(f"__{d.rank}_*.distcp"))
-        rows = distributed.all_gather_object(d, {**second, "written_bytes": written})
+        rows = distributed.all_gather_object(d, {**second, "written_bytes": written, "prepared": prepared})
         if d.is_main:
             total = sum(f.stat().st_size for f in step_dir.glob("__*.distcp"))
             print("sharded: " + json.dumps({
                 "parallelism": args.parallelism, "world_size": d.world_size, "state_bytes": total,
+                "prepare_per_rank": [r["prepared"] for r in rows],
                 "pause_s": max(r["pause_s"] for r in rows), "commit_s": max(r["commit_s"] for r in rows),
                 "snapshot_bytes_per_rank": [r["snapshot_bytes"] for r in rows],
                 "written_bytes_per_rank": [r["written_bytes"] for r in rows]}), flush=True)
+        # gloo's group destructor joins its worker threads holding the GIL, and a worker still freeing a finished
+        # all-gather's tensors needs the GIL (a hang seen at exit): the DDP reducer's reference goes while the
+        # group is still registered, and a barrier lets every earlier work item go before the group does
+        del state, manager
+        torch.distributed.barrier()
+        if d.is_main and not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
     finally:
         distributed.shutdown(d)
 
