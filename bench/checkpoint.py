@@ -688,6 +688,9 @@ def sharded_row(gb: float, strategy: str, root: Path) -> dict[str, Any]:
     row["wall_s"] = time.perf_counter() - started
     row["ratios"] = {"snapshot_share": judged(f"world size 2, {strategy}: largest per-rank snapshot / state",
                                               row["snapshot_share"], "snapshot_share_ws2")}
+    for kind, pause in row["peer_pause_s"].items():
+        row["ratios"][f"b_over_dcp_{kind}"] = judged(f"world size 2, {strategy}: pause / DCP async_save ({kind})",
+                                                    row["pause_s"] / pause, "b_over_dcp_async")
     return row
 
 

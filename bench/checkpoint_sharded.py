@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from bench.checkpoint import GB, engine_config, layers_for, one_save, prepare
+from bench.checkpoint import GB, PEERS, dcp_peer, engine_config, layers_for, one_save, prepare
 from harness import distributed, parallel
 from harness.checkpoint.manager import CheckpointManager
 from harness.state import TrainState
@@ -63,13 +63,18 @@ def main() -> None:
         manager.close()
         step_dir = next((root / args.parallelism / "store").glob("step_*2"))
         written = sum(f.stat().st_size for f in step_dir.glob(f"__{d.rank}_*.distcp"))
-        rows = distributed.all_gather_object(d, {**second, "written_bytes": written, "prepared": prepared})
+        # the peers at the same world size: DCP stages every rank's whole state dict (replicated tensors too)
+        peers = {kind: dcp_peer(kind, state, d.device, root / args.parallelism / "peers", 2, calls=3)
+                 for kind in PEERS}
+        rows = distributed.all_gather_object(d, {**second, "written_bytes": written, "prepared": prepared,
+                                                 "peers": {k: v["pause_s"] or v["first_pause_s"] for k, v in peers.items()}})
         if d.is_main:
             total = sum(f.stat().st_size for f in step_dir.glob("__*.distcp"))
             print("sharded: " + json.dumps({
                 "parallelism": args.parallelism, "world_size": d.world_size, "state_bytes": total,
                 "prepare_per_rank": [r["prepared"] for r in rows],
                 "pause_s": max(r["pause_s"] for r in rows), "commit_s": max(r["commit_s"] for r in rows),
+                "peer_pause_s": {kind: max(r["peers"][kind] for r in rows) for kind in PEERS},
                 "snapshot_bytes_per_rank": [r["snapshot_bytes"] for r in rows],
                 "written_bytes_per_rank": [r["written_bytes"] for r in rows]}), flush=True)
         # gloo's group destructor joins its worker threads holding the GIL, and a worker still freeing a finished
