@@ -66,8 +66,9 @@ def main() -> None:
         # the peers at the same world size: DCP stages every rank's whole state dict (replicated tensors too)
         peers = {kind: dcp_peer(kind, state, d.device, root / args.parallelism / "peers", 2, calls=3)
                  for kind in PEERS}
+        peer_pause = {kind: peer["pause_s"] or peer["first_pause_s"] for kind, peer in peers.items()}
         rows = distributed.all_gather_object(d, {**second, "written_bytes": written, "prepared": prepared,
-                                                 "peers": {k: v["pause_s"] or v["first_pause_s"] for k, v in peers.items()}})
+                                                 "peers": peer_pause})
         if d.is_main:
             total = sum(f.stat().st_size for f in step_dir.glob("__*.distcp"))
             print("sharded: " + json.dumps({

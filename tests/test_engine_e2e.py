@@ -131,15 +131,15 @@ d = distributed.init("cpu")
 _, model, optimizer = build(cfg, d)
 state = TrainState(model, optimizer, d.rank)
 ckpt = engine.CheckpointManager(cfg.checkpoint, d)
-real = (ckpt.first.attempt_dir, engine.FileSystemWriter.write_data, engine.file_entry)
+real = (ckpt.first.attempt_dir, engine.ChecksummingWriter.write_data, ckpt.first.commit)
 def fail(*args, **kwargs):
     raise OSError("injected: disk full")
 if fault == "before" and d.rank == 1:
     ckpt.first.attempt_dir = lambda step, attempt: Path("/proc/no-such-dir") / str(step)
 if fault == "during" and d.rank == 1:
-    engine.FileSystemWriter.write_data = fail
-if fault == "after" and d.rank == 1:
-    engine.file_entry = fail
+    engine.ChecksummingWriter.write_data = fail
+if fault == "after" and d.rank == 0:  # the files are written everywhere; the leader's commit fails
+    ckpt.first.commit = fail
 if fault == "conflict" and d.rank == 0:
     ckpt.first.step_dir(1).mkdir(parents=True)  # another writer's step 1
     (ckpt.first.step_dir(1) / "manifest.json").write_text("{}")
@@ -148,7 +148,7 @@ state.progress.step = 1
 ckpt.save(1, state)
 ckpt._wait_inflight()
 result = {"committed": ckpt.last_committed, "conflict": ckpt.conflict is not None, "seconds": time.monotonic() - t0}
-ckpt.first.attempt_dir, engine.FileSystemWriter.write_data, engine.file_entry = real
+ckpt.first.attempt_dir, engine.ChecksummingWriter.write_data, ckpt.first.commit = real
 if fault != "conflict":  # every rank is still in step: the next save commits everywhere
     state.progress.step = 2
     ckpt.save(2, state)
