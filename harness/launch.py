@@ -12,6 +12,13 @@ error and must not spend it. SIGTERM and SIGINT are passed on to torchrun, whose
 agent passes them to the workers and waits `launch.shutdown_timeout_s` before killing them. A notice
 that comes while no trainer runs (rendezvous, startup) is still a preemption: nothing new needs
 saving, so the launcher writes the marker itself (`source: launcher`) and returns 75.
+
+A restart's time goes mostly to starting Pythons: the launcher, torchrun's agent, and each worker,
+each importing torch. With `launch.workers=fork` torchrun forks the workers from its agent, which has
+torch imported already (`--start-method=fork --run-path harness/forked.py -m MODULE`), instead of
+starting one interpreter per worker; `auto` (the default) forks except on a node with NVIDIA GPUs,
+where forked workers using CUDA have not been tried yet. Each round tells its trainers when it started
+(SPOT_LAUNCHED_AT: the launcher's own start for the first), so a start's split counts from there.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -40,15 +48,27 @@ from harness.preemption.notice import (
     PREEMPTED_MARKER,
     REJOIN_MARKER,
 )
+from harness.telemetry.clock import process_start_time
+from harness.telemetry.events import LAUNCHED_ENV
 
 # torchrun reuses one TCP store across rendezvous rounds, so after a restart a worker can read a dead
 # peer's address and gloo/NCCL fail to connect (pytorch/pytorch#167288). A store per round avoids it.
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+FORKED = Path(__file__).resolve().parent / "forked.py"  # what a forked worker runs (launch.workers=fork)
+
+
+def fork_workers(workers: str) -> bool:
+    """`launch.workers`: fork, exec, or auto: fork unless this node has NVIDIA GPUs (its driver's
+    control device is there)."""
+    return workers == "fork" or (workers == "auto" and not Path("/dev/nvidiactl").exists())
 
 
 def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
     launch = cfg.launch
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.nproc_per_node}"]
+    fork = fork_workers(launch.workers)
+    # -u: a forked worker keeps its agent's streams, so the agent's are unbuffered as torchrun makes a worker's
+    cmd = [sys.executable, *(["-u"] if fork else []), "-m", "torch.distributed.run",
+           f"--nproc-per-node={launch.nproc_per_node}"]
     if launch.standalone:
         cmd.append("--standalone")
     else:
@@ -64,6 +84,8 @@ def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
     cmd.append(f"--max-restarts={launch.max_restarts}")
     if torchrun_has_shutdown_timeout():
         cmd.append(f"--shutdown-timeout={launch.shutdown_timeout_s}")
+    if fork:
+        cmd += ["--start-method=fork", "--run-path", str(FORKED)]
     return [*cmd, "-m", launch.module, *overrides]
 
 
@@ -114,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    launched = process_start_time()  # the first round's startup began with this process
     while True:  # one torchrun per rendezvous round this node takes part in
         rejoin.unlink(missing_ok=True)
         health.new_round()
         print("launch:", " ".join(cmd), flush=True)
-        running.append(subprocess.Popen(cmd, env=env))
+        running.append(subprocess.Popen(cmd, env={**env, LAUNCHED_ENV: repr(launched)}))
         code = running[-1].wait()
         if code == 0:
             break
@@ -132,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             return _stop_code(marker)
         if rejoin.exists():  # a peer was preempted; this node saved with it and goes on
             print(f"a peer node was preempted ({rejoin.read_text().strip()}): back to rendezvous", flush=True)
+            launched = time.time()
             continue
         print(f"training failed with exit code {code} after at most launch.max_restarts="
               f"{cfg.launch.max_restarts} restarts; the root cause is in torchrun's report above", file=sys.stderr)

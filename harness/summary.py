@@ -4,8 +4,9 @@
 Fields: `final_step`, `model_sha256` (harness/state.py: the full weights, whatever the strategy),
 `wall_seconds` (this incarnation's), `world_sizes` (every world size the job trained at, in order),
 `sample_index`, `wandb_run_id`, `lost_steps`, `final_loss` (the last step's loss on rank 0's share;
-null when unknown), then the job's metrics: goodput, badput by category, `preemptions`, `restarts`
-and cost. Restarts, world sizes, preemptions and lost steps come from the job's ledger, which has
+null when unknown), then the job's metrics: goodput, badput by category, `preemptions`, `restarts`,
+cost, and the latest start's split (`start_seconds/<phase>`, `start_seconds/total`: its launch to its
+first completed step). Restarts, world sizes, preemptions and lost steps come from the job's ledger, which has
 every incarnation from its start (harness/telemetry/breakdown.py).
 """
 

@@ -180,8 +180,9 @@ class Job:
 
 
 def run(cfg: DictConfig) -> int:
-    started = time.time()
+    started = time.time()  # the imports are done: the start's `imports` phase ends, `rendezvous` begins
     d = distributed.init(cfg.train.device)
+    rendezvous_done = time.time()
     notices = NoticeBoard(cfg.preemption.deadline_s)
     notices.install_signal_handlers(list(cfg.preemption.signals))
     watcher = MetadataWatcher(notices.record).start() if cfg.preemption.metadata_watch else None
@@ -197,7 +198,7 @@ def run(cfg: DictConfig) -> int:
         tel = Telemetry.start(cfg, rank=d.rank, local_rank=d.local_rank, world_size=d.world_size,
                               node=f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', 0)}",
                               ledger_location=ledger_location(durable(ckpt.tiers).store.url))
-        tel.event(ev.RENDEZVOUS_DONE, world_size=d.world_size)
+        tel.event(ev.RENDEZVOUS_DONE, t=rendezvous_done, seconds=rendezvous_done - started, world_size=d.world_size)
         job = Job(cfg, d, model, optimizer, dataset, TrainState(model, optimizer, d.rank, d.device), ckpt,
                   notices, health, tel)
         restore(job)

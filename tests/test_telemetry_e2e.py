@@ -1,7 +1,8 @@
 """The goodput ledger end to end with real torchrun jobs. A SIGTERM to one worker of a 2-process job and
 a relaunch: all ranks save the same step and resume exactly (tests/test_preemption.preempt_and_resume),
 the ledger outlives the processes, one W&B run id spans both incarnations, Cloud Monitoring receives the
-shared metric names. Whole-tree SIGKILLs at world sizes 2 and 1: the ledger still has every incarnation
+shared metric names, and the resumed start's split (launcher to first step) is in the ledger, the summary
+and the trainer's goodput table. Whole-tree SIGKILLs at world sizes 2 and 1: the ledger still has every incarnation
 (restarts, world sizes) and what each did up to `telemetry.ledger_flush_s` before its death."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 
 from harness.chaos.fake_monitoring import FakeMonitoring
 from harness.telemetry import metric_names
-from harness.telemetry.breakdown import PRODUCTIVE, breakdown
+from harness.telemetry.breakdown import PHASES, PRODUCTIVE, breakdown
 from harness.telemetry.ledger import read_ledger
 from harness.telemetry.wandb_reader import offline_runs
 from tests import runs
@@ -43,6 +44,16 @@ def test_sigterm_to_one_worker_resumes_exactly_and_goodput_sees_it(tmp_path, ref
     assert b.seconds["downtime"] >= DOWNTIME_S
     measured = sum(e["seconds"] for e in events if e["kind"] == "steps" and e["rank"] == 0)
     assert abs(b.seconds["productive"] - measured) <= 0.05 * measured
+
+    resumed = b.startups[-1]  # the relaunch's way back to training, from its launcher's start
+    mine = {e["kind"]: e for e in events if e["incarnation"] == resumed.incarnation}
+    assert resumed.restored_step == marker["step"] and list(resumed.phases) == list(PHASES)
+    assert all(seconds >= 0 for seconds in resumed.phases.values())
+    assert resumed.total_s == pytest.approx(mine["first_step"]["t"] - mine["process_start"]["launched"])
+    assert summary["start_seconds/total"] == pytest.approx(resumed.total_s, abs=1e-5)
+    shown = " ".join(log.read_text().replace("│", " ").split())  # the trainer's goodput table, at the end
+    assert f"latest start (from step {marker['step']}) {resumed.total_s:.2f} s" in shown
+    assert all(f" {phase.replace('_', ' ')} {s:.2f} s" in shown for phase, s in resumed.phases.items())
 
     incarnations = offline_runs(run_dir, summary["wandb_run_id"])
     assert len(incarnations) == 2, "each incarnation resumes the same W&B run"

@@ -18,13 +18,21 @@ Definitions (every second of the job falls in exactly one category):
   2. restore: from `restore_start` to the next `restore_end` of the same incarnation (or its end);
   3. lost: step time spent on steps whose index was completed again later (recomputed after a restart);
   4. productive: step time of every other completed step;
-  5. startup: from the incarnation's start to its first step (cut short by a preemption notice or
-     exit when it never stepped), rendezvous included;
+  5. startup: from the incarnation's launch (`process_start`'s `launched`: the launcher's round or
+     the torchrun agent, else the process's own start) to its first step (cut short by a preemption
+     notice or exit when it never stepped), rendezvous included;
   6. other: anything else while a process is alive (logging, evaluation, time between a notice and
      the exit, a rank 0 that died while other ranks lived on).
   A `steps` event covers `seconds` of step time ending at its time; when some of its steps were
   recomputed later, the lost share (proportional to the step count) is its tail.
 - goodput = productive / total; badput of a category = its seconds / total.
+- a start's split (`Startup`, one per rank-0 incarnation that completed a step): from its launch to its
+  first completed step, in PHASES: launch (launcher and torchrun agent, up to the process's start),
+  imports (interpreter, imports, config: up to the rendezvous), rendezvous (the process group, peers
+  awaited), build (model, data, checkpoint manager, telemetry), restore (`restore_start` to
+  `restore_end`), first_step (DDP's bucket settling and the step itself, to `first_step`). This is the
+  restart time a preemption costs before training goes on; the startup category is its part before the
+  first step began, less the restore.
 - restarts: rank-0 incarnations after the first; world_sizes: theirs (`process_start`), in order of
   first appearance; preemptions: rank-0 incarnations that logged a `preemption_notice` (the loop logs
   it on rank 0 once the ranks agree to stop). These are the job's one source of those facts
@@ -51,6 +59,7 @@ OTHER = "other"
 CATEGORIES = (PRODUCTIVE, STARTUP, RESTORE, CHECKPOINT, LOST, DOWNTIME, OTHER)
 # Highest first; an instant covered by none of these is `other` while alive, else `downtime`.
 _PRIORITY = (CHECKPOINT, RESTORE, LOST, PRODUCTIVE, STARTUP, OTHER)
+PHASES = ("launch", "imports", "rendezvous", "build", "restore", "first_step")
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,20 @@ class Life:
 
 
 @dataclass(frozen=True)
+class Startup:
+    """One rank-0 incarnation's way from its launch to its first completed step: seconds per phase
+    (PHASES; `launch` is absent when no launcher or agent told when it started the process)."""
+
+    incarnation: str
+    restored_step: int | None  # None: it started from scratch
+    phases: dict[str, float]
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.phases.values())
+
+
+@dataclass(frozen=True)
 class Breakdown:
     start: float
     end: float
@@ -89,6 +112,7 @@ class Breakdown:
     lost_steps: int = 0
     telemetry_errors: int = 0  # sink and ledger failures recorded in the ledger
     job_info: dict[str, Any] = field(default_factory=dict)  # the job_start event's fields
+    startups: tuple[Startup, ...] = ()  # rank-0 incarnations that completed a step, oldest first
 
     @property
     def total_s(self) -> float:
@@ -112,6 +136,10 @@ class Breakdown:
                 out[f"badput/{c}"] = self.seconds[c] / self.total_s if self.total_s > 0 else 0.0
         out.update(preemptions=self.preemptions, restarts=self.restarts, productive_steps=self.productive_steps,
                    lost_steps=self.lost_steps, telemetry_errors=self.telemetry_errors)
+        if self.startups:  # the latest start's split: what the last restart cost
+            latest = self.startups[-1]
+            out.update({f"start_seconds/{p}": s for p, s in latest.phases.items()})
+            out["start_seconds/total"] = latest.total_s
         return out
 
 
@@ -123,7 +151,9 @@ def breakdown(events: Iterable[dict[str, Any]], now: float | None = None) -> Bre
     lives = _lives(evs)
     job_lives = [life for life in lives if life.rank == 0]
     finished = bool(job_lives) and job_lives[-1].exit_code == 0
-    start, end = evs[0]["t"], evs[-1]["t"]
+    launched = {e["incarnation"]: float(e["launched"]) for e in evs
+                if e["kind"] == ev.PROCESS_START and "launched" in e}
+    start, end = min([evs[0]["t"], *launched.values()]), evs[-1]["t"]
     if now is not None and not finished:
         end = max(end, now)
     job = [e for e in evs if e.get("rank") == 0]
@@ -143,7 +173,9 @@ def breakdown(events: Iterable[dict[str, Any]], now: float | None = None) -> Bre
         job_by_inc[e.get("incarnation", "?")].append(e)
     for life in lives:
         if life.rank == 0:
-            intervals += _startup_and_restore(life, job_by_inc[life.incarnation])
+            intervals += _startup_and_restore(life, job_by_inc[life.incarnation],
+                                              launched.get(life.incarnation, life.start))
+    startups = tuple(s for life in job_lives if (s := _startup(job_by_inc[life.incarnation])) is not None)
 
     segments = _sweep(intervals, start, end)
     seconds = dict.fromkeys(CATEGORIES, 0.0)
@@ -164,6 +196,7 @@ def breakdown(events: Iterable[dict[str, Any]], now: float | None = None) -> Bre
         productive_steps=done - lost_total, lost_steps=lost_total,
         telemetry_errors=sum(e["kind"] == ev.TELEMETRY_ERROR for e in evs),
         job_info={k: v for k, v in first_job.items() if k not in ("t", "kind", "incarnation", "rank", "node")},
+        startups=startups,
     )
 
 
@@ -200,12 +233,32 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _startup_and_restore(life: Life, es: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+def _startup(es: list[dict[str, Any]]) -> Startup | None:
+    """The split of one rank-0 incarnation's start; None until its first step, or when its events lack
+    the phases (a ledger written before they were recorded, the chaos baseline's trainer)."""
+    first: dict[str, dict[str, Any]] = {}
+    for e in es:
+        first.setdefault(e["kind"], e)
+    needed = (ev.PROCESS_START, ev.RENDEZVOUS_DONE, ev.RESTORE_START, ev.RESTORE_END, ev.FIRST_STEP)
+    if any(k not in first for k in needed) or "seconds" not in first[ev.RENDEZVOUS_DONE]:
+        return None
+    process, rdzv = first[ev.PROCESS_START], first[ev.RENDEZVOUS_DONE]
+    restore_start, restore_end = first[ev.RESTORE_START]["t"], first[ev.RESTORE_END]["t"]
+    rdzv_start = rdzv["t"] - float(rdzv["seconds"])
+    phases = {"launch": process["t"] - float(process["launched"])} if "launched" in process else {}
+    phases.update(imports=rdzv_start - process["t"], rendezvous=float(rdzv["seconds"]),
+                  build=restore_start - rdzv["t"], restore=restore_end - restore_start,
+                  first_step=first[ev.FIRST_STEP]["t"] - restore_end)
+    restored = first[ev.RESTORE_END]
+    return Startup(process["incarnation"], restored.get("step") if restored.get("tier") else None, phases)
+
+
+def _startup_and_restore(life: Life, es: list[dict[str, Any]], launched: float) -> list[tuple[float, float, str]]:
     out: list[tuple[float, float, str]] = []
     first_step = next((e["t"] - float(e["seconds"]) for e in es if e["kind"] == ev.STEPS), None)
     if first_step is None:
         first_step = next((e["t"] for e in es if e["kind"] in (ev.PREEMPTION_NOTICE, ev.EXIT)), life.end)
-    out.append((life.start, first_step, STARTUP))
+    out.append((min(launched, life.start), first_step, STARTUP))
     opened: float | None = None
     for e in es:
         if e["kind"] == ev.RESTORE_START and opened is None:

@@ -14,8 +14,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from google.api.metric_pb2 import MetricDescriptor
-
 from harness.telemetry import metric_names as mn
 from harness.telemetry.backoff import Backoff, OnError
 
@@ -83,7 +81,7 @@ class MonitoringSink:
             values = dict(self._values)
         if not values:
             return
-        try:
+        try:  # the Google client and protobuf load with the first write, one period after the start
             from google.cloud import monitoring_v3
 
             if self._client is None:
@@ -100,6 +98,8 @@ class MonitoringSink:
         self.backoff.succeeded()
 
     def _series(self, monitoring_v3: Any, name: str, value: float, now: float) -> Any:
+        from google.api.metric_pb2 import MetricDescriptor
+
         metric_type, kind = METRICS[name]
         seconds = int(now)
         is_float = kind is float

@@ -7,6 +7,8 @@ start, its exit, what it saw); other ranks' calls are no-ops. Each writer has it
 What a call costs the loop: `on_step` and `event` touch memory only (a lock, a dict, a non-blocking
 queue put). Ledger writes, W&B and Monitoring calls, and the goodput recomputation run on background
 threads; `start`, `flush` and `close` are the only calls that wait, for at most the configured timeouts.
+W&B comes up after this incarnation's first step (its rows wait in the queue until then): importing
+wandb and starting its service process take seconds of CPU that a restart would otherwise share.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,7 @@ from harness.config import ConfigError
 from harness.cost import CostModel
 from harness.telemetry import events as ev
 from harness.telemetry.breakdown import CHECKPOINT, PRODUCTIVE, Breakdown, breakdown
+from harness.telemetry.clock import process_start_time
 from harness.telemetry.interval import estimate_mtbi_s
 from harness.telemetry.ledger import Ledger, new_incarnation_id, read_ledger
 from harness.telemetry.monitoring_sink import MonitoringSink
@@ -35,15 +37,18 @@ from harness.telemetry.wandb_sink import WandbSink
 log = logging.getLogger(__name__)
 
 
-def process_start_time() -> float:
-    """When this process started (Linux /proc), so startup includes interpreter and import time."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        stat = Path("/proc/stat").read_text().splitlines()
-        boot = next(int(line.split()[1]) for line in stat if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
+def launched_at() -> float | None:
+    """When this process's round was started: by the launcher (SPOT_LAUNCHED_AT), else by the torchrun
+    agent above it (the agent's own start). None for a process run alone, or one that torchrun restarted
+    (`launch.max_restarts`: when the agent restarted it is not known)."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    if value := os.environ.get(ev.LAUNCHED_ENV):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return process_start_time(os.getppid()) if "TORCHELASTIC_RUN_ID" in os.environ else None
 
 
 def run_id_of(events: list[dict[str, Any]]) -> str | None:
@@ -87,7 +92,9 @@ class Telemetry:
         cost = _cost_model(cfg, job_cfg.get("cost")) if rank == 0 else None
         ledger = Ledger(ledger_location, new_incarnation_id(rank), rank, node, cfg.ledger_flush_s,
                         timeout_s=cfg.close_timeout_s)
-        ledger.event(ev.PROCESS_START, t=process_start_time(), pid=os.getpid(), world_size=world_size)
+        launched = launched_at()
+        ledger.event(ev.PROCESS_START, t=process_start_time(), pid=os.getpid(), world_size=world_size,
+                     **({} if launched is None else {"launched": launched}))
         if rank != 0:
             ledger.flush()  # durable before this process trains: a kill at any later moment is counted
             return cls(cfg, ledger, rank=rank)
@@ -116,7 +123,8 @@ class Telemetry:
         if job_cfg.wandb.mode != "disabled":
             wandb_sink = WandbSink(job_cfg.wandb, run_id, OmegaConf.to_container(job_cfg, resolve=True),
                                    name=job_cfg.run.name, queue_size=cfg.queue_size, on_error=on_error,
-                                   retry_initial_s=cfg.retry_initial_s, retry_max_s=cfg.retry_max_s)
+                                   retry_initial_s=cfg.retry_initial_s, retry_max_s=cfg.retry_max_s,
+                                   wait_for_start=True)
         monitoring = None
         if cfg.monitoring.enabled:
             monitoring = MonitoringSink(cfg.monitoring.project, cfg.monitoring.period_s, monitoring_client,
@@ -137,6 +145,10 @@ class Telemetry:
         Rank 0 only; memory-only work."""
         if self.rank != 0 or self.ledger is None:
             return
+        if self._steps_here == 0:  # the end of this incarnation's startup (its breakdown's last phase)
+            self.ledger.event(ev.FIRST_STEP, step=step, seconds=step_time_s)
+            if self.wandb is not None:
+                self.wandb.start()
         self.ledger.steps_done(step, step, step_time_s)
         self.last_step = step
         self._steps_here += 1

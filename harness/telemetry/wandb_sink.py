@@ -4,6 +4,8 @@ every incarnation re-attaches with `resume="allow"`.
 All wandb calls (init included, which can take seconds or fail when online) run on one background
 thread fed by a bounded queue: `log_step` and `log_job` only enqueue, so the training loop pays a
 queue put. Rows wait in the queue while W&B comes up; a full queue drops (and counts) new rows.
+With `wait_for_start`, W&B comes up only at `start()` (or `close()`): the trainer calls it after its
+first step, so wandb's import and service process stay off a restart's way to that step.
 A sweep's jobs share `wandb.group` (the sweep's name), so W&B shows them side by side.
 Charts use the training step as their x axis (`define_metric(..., step_metric=STEP)`) rather than
 wandb's internal step, so steps recomputed after a restart are accepted, not dropped.
@@ -27,7 +29,7 @@ _STOP = object()
 class WandbSink:
     def __init__(self, cfg_wandb: Mapping[str, Any], run_id: str, config: Mapping[str, Any],
                  name: str | None = None, queue_size: int = 10_000, on_error: OnError | None = None,
-                 retry_initial_s: float = 5.0, retry_max_s: float = 300.0):
+                 retry_initial_s: float = 5.0, retry_max_s: float = 300.0, wait_for_start: bool = False):
         self.cfg = dict(cfg_wandb)
         self.run_id = run_id
         self.config = dict(config)
@@ -39,6 +41,9 @@ class WandbSink:
         self._run: Any = None
         self._exit_code = 0
         self._closing = threading.Event()
+        self._started = threading.Event()
+        if not wait_for_start:
+            self._started.set()
         self._thread = threading.Thread(target=self._work, name="wandb-sink", daemon=True)
         self._thread.start()
 
@@ -57,12 +62,17 @@ class WandbSink:
     def log_job(self, step: int, metrics: Mapping[str, float]) -> None:
         self._put({STEP: step, **{f"job/{k}": v for k, v in metrics.items()}})
 
+    def start(self) -> None:
+        """Bring W&B up now (a sink made with `wait_for_start`)."""
+        self._started.set()
+
     def close(self, exit_code: int = 0, timeout_s: float = 10.0) -> bool:
         """Log what is queued and finish the run; False when that did not happen within the timeout
         (the thread is abandoned). Rows queued while W&B never came up are dropped."""
         deadline = time.monotonic() + timeout_s
         self._exit_code = exit_code
         self._closing.set()
+        self._started.set()
         while self._thread.is_alive() and time.monotonic() < deadline:
             try:
                 self._queue.put(_STOP, timeout=0.05)
@@ -80,6 +90,7 @@ class WandbSink:
 
     def _work(self) -> None:
         # Until W&B is up, rows wait in the queue (bounded); init is retried with back-off.
+        self._started.wait()
         while self._run is None:
             if self.backoff.ready():
                 self._init()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from rich.console import Console
 
 from harness.goodput import find_ledger, main
 from harness.telemetry import events as ev
-from harness.telemetry.breakdown import CATEGORIES, breakdown
+from harness.telemetry.breakdown import CATEGORIES, PHASES, breakdown
+from harness.telemetry.table import goodput_table
 
 T0 = 1_000_000.0
 
@@ -113,6 +115,45 @@ def test_a_job_that_stopped_without_finishing_is_counted_to_now_and_its_goodput_
 def test_a_finished_job_ends_at_its_last_event_whenever_it_is_read():
     b = breakdown(two_incarnations(), now=T0 + 5000)
     assert b.finished and b.total_s == pytest.approx(273) and b.seconds == pytest.approx(EXPECTED)
+
+
+def with_recorded_start() -> list[dict]:
+    """B as the launcher starts it today: its launcher started at 195, the process at 200; its
+    rendezvous ran 208-210, the restore 212-222, its first step ended at 227 (the step [225, 227])."""
+    events = [x for x in two_incarnations() if x["incarnation"] != "B" or x["kind"] != ev.RENDEZVOUS_DONE]
+    for x in events:
+        if x["incarnation"] == "B" and x["kind"] == ev.PROCESS_START:
+            x["launched"] = T0 + 195
+        if x["incarnation"] == "B" and x["kind"] == ev.RESTORE_END:
+            x["tier"] = "local"
+    return [*events, e(210, ev.RENDEZVOUS_DONE, "B", seconds=2.0), e(227, ev.FIRST_STEP, "B", step=21, seconds=2.0)]
+
+
+def test_a_start_is_split_from_its_launch_to_its_first_step_and_startup_counts_from_the_launch():
+    b = breakdown(with_recorded_start())
+    assert [s.incarnation for s in b.startups] == ["B"]  # A's ledger predates the phases: no split
+    (start,) = b.startups
+    assert start.restored_step == 20 and list(start.phases) == list(PHASES)
+    assert start.phases == pytest.approx({"launch": 5, "imports": 8, "rendezvous": 2, "build": 2, "restore": 10,
+                                          "first_step": 5})
+    assert start.total_s == pytest.approx(227 - 195)
+    assert b.seconds == pytest.approx({**EXPECTED, "startup": EXPECTED["startup"] + 5,
+                                       "downtime": EXPECTED["downtime"] - 5})  # 195-200: the launcher's
+    m = b.metrics()
+    assert m["start_seconds/launch"] == pytest.approx(5) and m["start_seconds/total"] == pytest.approx(32)
+
+
+def test_the_goodput_tables_startup_row_shows_the_latest_starts_split():
+    console = Console(record=True, width=120)
+    console.print(goodput_table(breakdown(with_recorded_start())))
+    rows = [" ".join(line.replace("│", " ").split()) for line in console.export_text().splitlines()]
+    at = rows.index("startup 0:00:35.0 12.8%")
+    assert rows[at + 1:at + 8] == ["latest start (from step 20) 32.00 s", "launch 5.00 s 16%", "imports 8.00 s 25%",
+                                   "rendezvous 2.00 s 6%", "build 2.00 s 6%", "restore 10.00 s 31%",
+                                   "first step 5.00 s 16%"]
+    console = Console(record=True, width=120)
+    console.print(goodput_table(breakdown(two_incarnations())))
+    assert "latest start" not in console.export_text()
 
 
 def test_empty_ledger():

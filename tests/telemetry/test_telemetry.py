@@ -64,6 +64,16 @@ def test_every_incarnations_start_is_durable_before_it_trains(tmp_path):
     assert {(later_inc, ev.PROCESS_START), (leader_inc, ev.PROCESS_START)} <= written
 
 
+def test_the_first_step_of_each_incarnation_is_recorded_once(tmp_path):
+    """It ends the incarnation's startup split (harness/telemetry/breakdown.py)."""
+    tel = start(tmp_path)
+    for step in (11, 12, 13):
+        tel.on_step(step, 0.01)
+    tel.close(0)
+    firsts = [e for e in read_ledger(str(tmp_path / "ledger")) if e["kind"] == ev.FIRST_STEP]
+    assert [(e["step"], e["seconds"]) for e in firsts] == [(11, 0.01)]
+
+
 def test_process_start_is_the_processes_own_start(tmp_path):
     tel = start(tmp_path)
     started = tel.ledger.events()[0]

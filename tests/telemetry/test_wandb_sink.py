@@ -112,3 +112,28 @@ def test_stalled_wandb_does_not_block_the_caller_and_close_is_bounded(tmp_path, 
     assert sink.close(timeout_s=0.5) is False
     assert time.perf_counter() - started < 1.5
     release.set()
+
+
+def test_a_sink_made_to_wait_calls_wandb_only_once_started(tmp_path, monkeypatch):
+    """The trainer's sink is started after its first step: until then wandb does nothing (its import and
+    service process would slow the restart), and the rows logged meanwhile wait in the queue."""
+    import wandb
+
+    calls = []
+
+    def unreachable(**kwargs):
+        calls.append(kwargs)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    sink = WandbSink({"mode": "online", "project": "p", "dir": str(tmp_path)}, "abc", {}, retry_initial_s=0.05,
+                     wait_for_start=True)
+    sink.log_step(1, {"loss": 1.0})
+    time.sleep(0.3)
+    assert calls == [] and sink.dropped == 0
+    sink.start()
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.close(timeout_s=5)
+    assert calls and calls[0]["id"] == "abc"
