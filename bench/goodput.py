@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness.cadence import young_daly_interval_s
 from harness.plan import Mode, PlanConfig, expected, interruption_rate
-from harness.telemetry.interval import young_daly_interval_s
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "goodput.json"

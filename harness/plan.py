@@ -40,9 +40,9 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from harness.cadence import interval_steps, young_daly_interval_s
 from harness.config import CONF_DIR, ConfigError, load, structured
 from harness.cost import node_hourly
-from harness.telemetry.interval import interval_steps, young_daly_interval_s
 
 HOUR = 3600.0
 MIN_SIMULATED_GOODPUT = 0.01  # below this a simulated run replays an impractical number of restarts

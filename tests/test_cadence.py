@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from harness.telemetry.interval import AdaptiveInterval, estimate_mtbi_s, interval_steps, young_daly_interval_s
+from harness.cadence import AdaptiveInterval, estimate_mtbi_s, interval_steps, young_daly_interval_s
 
 
 @pytest.mark.parametrize(("cost_s", "mtbi_s", "expected_s"), [
@@ -44,7 +44,7 @@ def test_interval_steps_rejects_zero_step_time():
 
 def test_adaptive_interval_follows_measurements_and_logs_each_change(caplog):
     adaptive = AdaptiveInterval(max_steps=10_000, initial_steps=50, smoothing=1.0)
-    with caplog.at_level(logging.INFO, logger="harness.telemetry.interval"):
+    with caplog.at_level(logging.INFO, logger="harness.cadence"):
         assert adaptive.update(blocking_s=2.0, step_time_s=2.0, mtbi_s=7200.0) == 85
         assert adaptive.update(blocking_s=2.1, step_time_s=2.0, mtbi_s=7200.0) == 85  # +2.5%: kept
         assert adaptive.update(blocking_s=8.0, step_time_s=2.0, mtbi_s=7200.0) == 170  # sqrt(115200)/2
