@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness.launch import TORCHRUN_ENV
+from harness.config import LaunchConfig
+from harness.launch import FORKED, TORCHRUN_ENV, fork_workers
 from harness.process_tree import descendants, kill_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,10 +35,13 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def train_cmd(nproc: int, overrides: list[str], max_restarts: int = 0) -> list[str]:
+    """nproc=0: one plain process; else torchrun starting its workers as the launcher has it start them
+    here with the default launch.workers (auto: forked from the agent on a node without GPUs, harness/launch.py)."""
     if nproc == 0:
         return [sys.executable, "-m", "harness.train", *FAST, *overrides]
+    start = ["--start-method=fork", "--run-path", str(FORKED)] if fork_workers(LaunchConfig().workers) else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "harness.train", *FAST, *overrides]
+            f"--max-restarts={max_restarts}", *start, "-m", "harness.train", *FAST, *overrides]
 
 
 def start(nproc: int, overrides: list[str], log: Path, extra_env: dict | None = None, **kw) -> subprocess.Popen:
