@@ -97,6 +97,17 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def consumed_samples(run_dir: Path) -> list[int]:
+    """Every global sample index the run's steps trained on, sorted, from its audit (train.audit_samples:
+    `step first stop` per step, a file per process)."""
+    consumed = []
+    for record in (run_dir / "samples").glob("*.txt"):
+        for line in record.read_text().splitlines():
+            _step, first, stop = map(int, line.split())
+            consumed.extend(range(first, stop))
+    return sorted(consumed)
+
+
 def tail(log: Path, n: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else "(no log)"
 
