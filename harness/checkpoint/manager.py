@@ -155,7 +155,7 @@ class CheckpointManager:
         self._prepared = True
         sd = state.to_dcp()
         owner = share_out(sd, self.dist.world_size) if self.dist.is_main else None
-        self.snapshotter.owner = broadcast_object(self.dist, owner) if self.dist.world_size > 1 else None
+        self.snapshotter.owner = broadcast_object(self.dist, owner)
         self.snapshotter.allocate_in_background(sd)
 
     def save(self, step: int, state: TrainState, skip: bool = False) -> Report:
