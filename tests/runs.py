@@ -52,7 +52,31 @@ def start(nproc: int, overrides: list[str], log: Path, extra_env: dict | None = 
 
 
 def run(nproc: int, overrides: list[str], log: Path, timeout: float = 240, **kw) -> int:
-    return finish(start(nproc, overrides, log, **kw), log, timeout)
+    seen = log.stat().st_size if log.exists() else 0
+    code = finish(start(nproc, overrides, log, **kw), log, timeout)
+    if code and lost_port_race(log.read_bytes()[seen:].decode(errors="replace")):
+        code = finish(start(nproc, overrides, log, **kw), log, timeout)
+    return code
+
+
+def lost_port_race(output: str) -> bool:
+    """torchrun's agent picks its workers' store port by binding port 0 and closing the socket; rank 0
+    binds that port again a moment later (torch's get_free_port says it is not reserved). Here many jobs
+    open sockets in the same range at once, and one launch in a few hundred loses the port in between
+    (EADDRINUSE in rank 0's store, before any step). A VM runs one job, and its unit restarts a failed
+    launcher; a test starts such a run once more (nothing was trained or saved)."""
+    return "EADDRINUSE" in output and "_create_c10d_store" in output
+
+
+def torchrun_script(nproc: int, script: Path | str, args: list[str],
+                    timeout: float = 180) -> subprocess.CompletedProcess:
+    """A test's own script under torchrun (standalone, `nproc` workers), its output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
+           *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode and lost_port_race(proc.stdout + proc.stderr):
+        proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    return proc
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:

@@ -262,9 +262,7 @@ def test_checkpoint_saved_at_world_size_2_restores_at_1_and_3(tmp_path):
     (tmp_path / "probe.py").write_text(PROBE)
     for nproc in (1, 3):
         out = tmp_path / f"restored{nproc}.pt"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(tmp_path / "probe.py"), str(out), *runs.FAST, *overrides]
-        proc = subprocess.run(cmd, cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=180)
+        proc = runs.torchrun_script(nproc, tmp_path / "probe.py", [str(out), *runs.FAST, *overrides])
         assert proc.returncode == 0, proc.stderr[-3000:]
         restored = torch.load(out, weights_only=False)
         assert restored["step"] == 10

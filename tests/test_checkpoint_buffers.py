@@ -5,8 +5,6 @@ CRC32C computed while writing, and a rank short of memory failing its save witho
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from harness.checkpoint.manager import CheckpointManager
 from harness.checkpoint.manifest import file_entry
@@ -86,12 +84,9 @@ def test_replicated_tensors_are_split_evenly_by_bytes_and_each_goes_to_one_rank(
 
 def test_a_rank_short_of_memory_fails_that_save_on_every_rank_and_the_next_save_commits(tmp_path):
     log = tmp_path / "probe.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "tests/alloc_probe.py", str(tmp_path / "store")]
-    with open(log, "wb") as out:
-        code = subprocess.run(cmd, cwd=runs.REPO, env=runs.env(), stdout=out, stderr=subprocess.STDOUT,
-                              timeout=240).returncode
-    assert code == 0, runs.tail(log)
+    proc = runs.torchrun_script(2, "tests/alloc_probe.py", [str(tmp_path / "store")], timeout=240)
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, runs.tail(log)
     lines = [json.loads(line.split("probe: ", 1)[1]) for line in log.read_text().splitlines() if "probe: " in line]
     by_rank = {line["rank"]: line for line in lines}
     assert set(by_rank) == {0, 1}, runs.tail(log)

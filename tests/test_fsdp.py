@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -59,10 +57,8 @@ def test_an_fsdp_checkpoint_loads_as_saved_at_any_world_size_and_into_ddp(traine
     for nproc, parallelism in [(1, "ddp"), (2, "fsdp"), (3, "fsdp"), (2, "ddp")]:
         copy = tmp_path / f"{nproc}-{parallelism}"
         shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(runs.REPO / "tests" / "fsdp_probe.py"), *runs.FAST, *CONFIG, f"train.parallelism={parallelism}",
-               f"run.dir={copy}"]
-        proc = subprocess.run(cmd, cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=120)
+        proc = runs.torchrun_script(nproc, runs.REPO / "tests" / "fsdp_probe.py",
+                                    [*runs.FAST, *CONFIG, f"train.parallelism={parallelism}", f"run.dir={copy}"])
         assert f"probe: step 30 world {nproc} sha {saved}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
