@@ -38,7 +38,6 @@ from harness.sweep.queue import durable_url
 from harness.sweep.results import JobResult
 
 POLL_S = 0.2
-TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
 _PREFIX = re.compile(r"^\[(?:rank|default)\d*\]:\s?")
 _EXCEPTION = re.compile(r"^\s*((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Failure|Conflict)"
                         r"\w*)(:\s.*)?$")
@@ -130,7 +129,7 @@ class Runner:
         log = folder / ("chaos.log" if self.on == "chaos" else "launch.log")
         out = open(log, "ab")  # noqa: SIM115 - closed when the job ends
         offset = out.tell()
-        env = {**os.environ, **TORCHRUN_ENV, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the launcher adds torchrun's (harness/launch.py)
         proc = subprocess.Popen(self.command(job), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
         self.running[job.index] = Running(job, proc, log, offset, out)
