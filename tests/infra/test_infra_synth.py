@@ -7,10 +7,9 @@ import re
 import pytest
 
 from harness import config as job_config
-from harness.config import ConfigError, structured
+from harness.config import ConfigError
 from harness.telemetry import metric_names as mn
 from harness.telemetry.monitoring_sink import METRICS as SINK_METRICS
-from harness.telemetry.schema import TelemetryConfig
 from infra.vm import PD_DEVICE, job_overrides
 from tests.infra.conftest import REAL_STARTUP, TOPOLOGIES, real_startup_present
 
@@ -285,7 +284,7 @@ def test_job_on_the_vms_composes_with_monitoring_on(topologies):
     overrides = s.template("worker")["metadata"]["spot-hydra-overrides"].split(" ")
     assert overrides == job_overrides(s.settings, "worker")
     cfg = job_config.load(overrides)
-    telemetry = structured(TelemetryConfig, cfg.telemetry, "telemetry")
+    telemetry = job_config.telemetry_config(cfg.telemetry)
     assert telemetry.monitoring.enabled and telemetry.monitoring.project == "test-project-123"
     assert telemetry.cost_basis.machine_type == "a2-highgpu-1g" and telemetry.cost_basis.spot_nodes == 4
     assert telemetry.cost_basis.on_demand_nodes == 1

@@ -9,10 +9,9 @@ import time
 import pytest
 
 from harness.chaos.fake_monitoring import FakeMonitoring
-from harness.config import ConfigError, load
+from harness.config import ConfigError, load, telemetry_config
 from harness.telemetry import events as ev
 from harness.telemetry.ledger import read_ledger
-from harness.telemetry.schema import telemetry_config
 from harness.telemetry.telemetry import Telemetry
 
 
@@ -149,12 +148,15 @@ def test_step_cost_is_bounded_while_every_sink_fails(tmp_path, monkeypatch):
     ("telemetry.monitoring.period_s=5", "telemetry.monitoring.period_s=5.0 must be >= 10"),
     ("telemetry.monitoring.enabled=true", "telemetry.monitoring.project is required"),
     ("telemetry.ledger_flush_s=0", "telemetry.ledger_flush_s=0.0 must be > 0"),
-    ("telemetry.queue_size=x", "telemetry.queue_size: Value 'x'"),
+    ("telemetry.queue_size=x", "telemetry.queue_size=x | Value 'x' of type 'str' could not be converted to Integer"),
 ])
 def test_config_errors_name_the_key(override, message):
+    """The group is part of the job's schema: a bad value fails the load, before anything runs."""
     with pytest.raises(ConfigError) as err:
-        telemetry_config(load([override]).telemetry)
+        load([override])
     assert message in str(err.value)
+    with pytest.raises(ConfigError, match="telemetry.retry_max_s"):
+        telemetry_config({"retry_max_s": -1})  # the telemetry layer's own typed section, same checks
 
 
 def test_cost_basis_errors_name_the_group(tmp_path):
