@@ -13,11 +13,9 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-# --no-compile: pip would byte-compile every installed file (half the install's time); Python compiles
-# what is imported, once, on first use.
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	set -o pipefail; $(PY) -m pip install -q --no-compile --disable-pip-version-check -r requirements.txt 2>&1 \
+	set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
 		| { grep -v "is ignored: it is neither" || true; }
 	$(PY) -c "import torch, hydra, wandb, cdktf"
 	touch $(STAMP)
@@ -102,7 +100,7 @@ cost-per-hour: setup
 
 $(CHECKOV_STAMP):
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
-	set -o pipefail; $(CHECKOV_VENV)/bin/pip install -q --no-compile --disable-pip-version-check checkov==3.3.30 2>&1 \
+	set -o pipefail; $(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check checkov==3.3.30 2>&1 \
 		| { grep -v "is ignored: it is neither" || true; }
 	$(CHECKOV_VENV)/bin/checkov --version
 	touch $(CHECKOV_STAMP)
