@@ -33,6 +33,20 @@ DISK_BYTES = 16 << 20  # a sparse file is enough for mkfs.ext4; the mount point 
 TRAIN_UNIT = "spot-train.service"
 
 
+def machine_env(root: Path, dev: Path, home: Path, metadata_host: str, stubs: Path) -> dict[str, str]:
+    """How startup/*.sh sees a machine that is not a GCE VM: its root (SPOT_ROOT, where `/` is),
+    metadata server, NVMe Local SSD devices (in `dev`), and stubbed system commands first on PATH. The
+    local cloud's VMs run the scripts in it, and so do the scripts' own tests (tests/startup)."""
+    return {
+        "PATH": f"{stubs}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "SPOT_ROOT": str(root),
+        "GCE_METADATA_HOST": metadata_host,
+        "SPOT_LOCAL_SSD_GLOB": str(dev / f"{SSD_NAME}*"),
+    }
+
+
 @dataclass
 class VmSpec:
     name: str
@@ -52,13 +66,8 @@ class Vm:
         self.tag = tag
         self.metadata = FakeMetadata(spec.attributes)
         self.env = {
-            "PATH": f"{STUBS}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "HOME": str(root / "root"),
-            "LANG": "C.UTF-8",
+            **machine_env(root, root / "dev", root / "root", self.metadata.host, STUBS),
             "TMPDIR": str(root / "tmp"),
-            "SPOT_ROOT": str(root),
-            "GCE_METADATA_HOST": self.metadata.host,
-            "SPOT_LOCAL_SSD_GLOB": str(root / "dev" / f"{SSD_NAME}*"),
             "SPOT_HARNESS_PYTHON": sys.executable,
             "SPOT_CHAOS_LOG_DIR": str(logs),
             "PYTHONPATH": str(REPO),

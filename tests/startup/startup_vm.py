@@ -1,5 +1,6 @@
 """A stubbed VM for running startup/*.sh as an ordinary process, against the local Spot cloud's fake
-metadata server (harness/chaos/fake_metadata.py).
+metadata server (harness/chaos/fake_metadata.py), in the machine the local cloud's VMs give the
+scripts (harness/chaos/vm.py's machine_env) but with stubs that record what the scripts do to it.
 
 The scripts run for real: bash, curl against the fake server, files written under a temp SPOT_ROOT.
 Only the commands with effects on the machine are stubs (tests/startup/stubs, first on PATH); each
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from harness.chaos.fake_metadata import FakeMetadata
 from harness.chaos.systemctl import parse_exec_start
+from harness.chaos.vm import SSD_NAME, machine_env
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_SH = REPO / "startup" / "startup.sh"
@@ -104,7 +105,7 @@ class Vm:
         self.bucket_path(f"releases/{version}/manifest.json").unlink()
 
     def add_ssds(self, count: int) -> list[str]:
-        paths = [self.dev / f"google-local-nvme-ssd-{i}" for i in range(count)]
+        paths = [self.dev / f"{SSD_NAME}{i}" for i in range(count)]
         for path in paths:
             path.touch()
         return [str(p) for p in paths]
@@ -123,12 +124,7 @@ class Vm:
 
     def base_env(self, **extra: str) -> dict[str, str]:
         env = {
-            "PATH": f"{STUBS}:{os.environ['PATH']}",
-            "HOME": str(self.tmp),
-            "LANG": "C.UTF-8",
-            "SPOT_ROOT": str(self.root),
-            "GCE_METADATA_HOST": self.metadata.host,
-            "SPOT_LOCAL_SSD_GLOB": str(self.dev / "google-local-nvme-ssd-*"),
+            **machine_env(self.root, self.dev, self.tmp, self.metadata.host, STUBS),
             "SPOT_DEVICE_WAIT_S": "2",
             "STUB_LOG": str(self.log),
             "STUB_STATE": str(self.state),
