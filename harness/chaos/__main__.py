@@ -12,9 +12,11 @@ import re
 import shutil
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from harness import config
 from harness.chaos import report, schedule
@@ -27,14 +29,46 @@ from infra.vm import groups
 CONF = Path(__file__).resolve().parent / "conf"
 
 
+@dataclass
+class BaselineConfig:
+    interval_steps: int = MISSING
+    gcs_every: int = MISSING
+    keep: int = MISSING
+
+
+@dataclass
+class ChaosConfig:
+    """The types of harness/chaos/conf/chaos.yaml (the values and what each means live there)."""
+
+    name: str = MISSING
+    out_dir: str = MISSING
+    trainer: str = MISSING
+    mtbi_s: float = MISSING
+    seed: int = MISSING
+    preemptions: list[Any] | None = MISSING  # entries checked by schedule.explicit
+    notice_s: float = MISSING
+    recreate_s: float = MISSING
+    health_interval_s: float = MISSING
+    health_initial_delay_s: float = MISSING
+    boot_after_end: bool = MISSING
+    max_duration_s: float = MISSING
+    boot_timeout_s: float = MISSING
+    boot_stagger_s: float = MISSING
+    poll_s: float = MISSING
+    reference: bool = MISSING
+    job: list[str] = MISSING
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+
 def is_chaos_key(override: str) -> bool:
     return override.lstrip("+~").startswith("chaos.")
 
 
 def load_chaos(overrides: list[str]) -> DictConfig:
     """The cloud's own settings: harness/chaos/conf/chaos.yaml with the command line's `chaos.*`
-    overrides (Hydra's grammar). The job's config tree carries no `chaos` group; only the guides'
-    baseline trainer reads `chaos.baseline.*`, which the job gets as added keys."""
+    overrides (Hydra's grammar), typed by ChaosConfig (a wrong type or an unknown key fails here). The
+    job's config tree carries no `chaos` group; only the guides' baseline trainer reads
+    `chaos.baseline.*`, which the job gets as added keys."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -43,7 +77,7 @@ def load_chaos(overrides: list[str]) -> DictConfig:
     own = [re.sub(r"^([+~]*)chaos\.", r"\1", o) for o in overrides]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="chaos", overrides=own)
+            cfg = OmegaConf.merge(OmegaConf.structured(ChaosConfig), compose(config_name="chaos", overrides=own))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise config.ConfigError(f"chaos.*: {config.first_line(err)}") from None
@@ -87,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for stale in ("vms", "logs", "gcs", "chaos_report.json", "chaos_timeline.png", "ledger.jsonl"):
         path = out / stale
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    ref = Reference(list(job), cloud.world_size, out.parent / "references", float(chaos.max_duration_s))
+    ref = Reference(list(job), cloud.world_size, out.parent / "references", chaos.max_duration_s)
     if chaos.reference:
         ref.start()
     vms = ", ".join(f"{s.spec.name} ({s.spec.role})" for s in cloud.slots)

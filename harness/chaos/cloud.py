@@ -188,13 +188,13 @@ class Cloud:
             # The job's wall time starts with its first training VM; a coordinator is infrastructure.
             start = time.time()
             self._boot(first, start)
-            self._wait_for_port(self.rdzv_port, float(self.chaos.boot_timeout_s))
+            self._wait_for_port(self.rdzv_port, self.chaos.boot_timeout_s)
             if not first.trains:
                 start = time.time()
             for i, slot in enumerate(workers):
                 # VMs never start in the same instant; booting the store's host first, then worker i after
                 # worker i-1, orders the agents as the VMs' hostnames would on GCP (differences: hostname).
-                time.sleep(float(self.chaos.boot_stagger_s) if i else 0.0)
+                time.sleep(self.chaos.boot_stagger_s if i else 0.0)
                 self._boot(slot, time.time())
             finished, summary, clock = self._loop(start)
             end = time.time()
@@ -229,7 +229,7 @@ class Cloud:
         pending = list(self.schedule)
         clock: float | None = None
         summary_seen: float | None = None
-        poll_s, deadline = float(self.chaos.poll_s), start + float(self.chaos.max_duration_s)
+        poll_s, deadline = self.chaos.poll_s, start + self.chaos.max_duration_s
         while True:
             now = time.time()
             for slot in self.slots:
@@ -280,7 +280,7 @@ class Cloud:
                 self._power_off(slot, now, "boot failed")
         elif slot.state == State.PREEMPTED and vm is not None and now >= slot.next_check:
             slot.next_check = now + SHUTDOWN_CHECK_S
-            hard_stop = now >= slot.since + float(self.chaos.notice_s)
+            hard_stop = now >= slot.since + self.chaos.notice_s
             if hard_stop or vm.shut_down():
                 how = "hard stop at the end of the notice" if hard_stop else "shutdown complete"
                 self._power_off(slot, now, f"{how}, {now - slot.since:.1f}s after the notice")
@@ -296,8 +296,8 @@ class Cloud:
     def _probe(self, slot: Slot, now: float) -> None:
         """The deployment's health check, time-compressed: HTTP /healthz on a trainer, TCP on the store."""
         check = self.health_check
-        slot.next_probe = now + float(self.chaos.health_interval_s)
-        if now < slot.since + float(self.chaos.health_initial_delay_s):
+        slot.next_probe = now + self.chaos.health_interval_s
+        if now < slot.since + self.chaos.health_initial_delay_s:
             return
         timeout = min(1.0, float(check.timeout_s))
         if slot.trains:
@@ -355,10 +355,10 @@ class Cloud:
         slot.state = State.DOWN
         self._boot(slot, time.time())
         unit, logs = UNITS.get(slot.spec.role, TRAIN_UNIT), slot.logs(self.out, slot.boots)
-        deadline = time.monotonic() + float(self.chaos.boot_timeout_s) + FINISH_GRACE_S
+        deadline = time.monotonic() + self.chaos.boot_timeout_s + FINISH_GRACE_S
         while slot.vm is not None and not unit_exits(logs, unit) and time.monotonic() < deadline:
             self.audit.poll(self._label(slot), slot.vm.run_dir)
-            time.sleep(float(self.chaos.poll_s))
+            time.sleep(self.chaos.poll_s)
         self._delete(slot, time.time())
         return {"vm": slot.spec.name, "boot": slot.boots, "steps_trained": len(self.audit.records) - before,
                 "unit_exits": unit_exits(slot.logs(self.out, slot.boots), unit)}
@@ -375,7 +375,7 @@ class Cloud:
             self._wait_booted(slot)
 
     def _wait_booted(self, slot: Slot) -> None:
-        deadline = time.monotonic() + float(self.chaos.boot_timeout_s)
+        deadline = time.monotonic() + self.chaos.boot_timeout_s
         while slot.vm is not None and (code := slot.vm.booted()) is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if code != 0:
@@ -387,7 +387,7 @@ class Cloud:
         if slot.state not in (State.BOOTING, State.UP) or slot.vm is None:
             self._event(now, "missed", slot.spec.name, f"preemption due while the VM is {slot.state}")
             return
-        slot.vm.preempt(float(self.chaos.notice_s))
+        slot.vm.preempt(self.chaos.notice_s)
         slot.state, slot.since, slot.next_check = State.PREEMPTED, now, now + SHUTDOWN_CHECK_S
         slot.preemptions += 1
         rank0 = self.audit.rank0()
@@ -405,7 +405,7 @@ class Cloud:
         slot.vm.delete()
         slot.vm = None
         slot.state, slot.since, slot.failed_probes = State.DOWN, now, 0
-        slot.recreate_at = now + float(self.chaos.recreate_s)
+        slot.recreate_at = now + self.chaos.recreate_s
         self._event(now, "off", slot.spec.name, why)
 
     # ------------------------------------------------------------------ observations

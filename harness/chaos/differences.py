@@ -48,7 +48,7 @@ def differences(cfg: DictConfig, settings: Settings, monitoring_endpoint: str) -
     """The list for this run: `cfg` is the composed job with `chaos.*`, `settings` the deployment's,
     `monitoring_endpoint` the local Cloud Monitoring server's host:port."""
     chaos, check = cfg.chaos, settings.infra.health_check
-    notice_s = float(chaos.notice_s)
+    notice_s = chaos.notice_s
     master, workers = groups(settings)
     gpus = sorted({str(g.node.gpu_count) for g in (master, workers)})
     found = [
@@ -61,10 +61,10 @@ def differences(cfg: DictConfig, settings: Settings, monitoring_endpoint: str) -
         Difference("SPOT_SHUTDOWN_DEADLINE_S", "25 (shutdown.sh's default)", f"{max(0.5, notice_s - 0.5):g}",
                    TIME, "shutdown.sh returns before the compressed hard stop"),
         Difference("recreate", "a few minutes from the stop to the MIG's new Spot GPU VM (boot, driver)",
-                   f"{float(chaos.recreate_s):g} s (chaos.recreate_s)", TIME, "the MIG's delay, compressed"),
+                   f"{chaos.recreate_s:g} s (chaos.recreate_s)", TIME, "the MIG's delay, compressed"),
         Difference("autohealing", f"GET /healthz every {check.interval_s} s after {check.initial_delay_s} s; "
                    f"{check.unhealthy_threshold} failures recreate the VM",
-                   f"every {float(chaos.health_interval_s):g} s after {float(chaos.health_initial_delay_s):g} s "
+                   f"every {chaos.health_interval_s:g} s after {chaos.health_initial_delay_s:g} s "
                    "(chaos.health_*); the same threshold and the same /healthz bounds", TIME,
                    "the check's cadence, compressed; what it asks and when it fails are the deployment's"),
         Difference("spot-rdzv-endpoint", f"the reserved internal IP:{settings.rdzv_port}", "127.0.0.1:<a free port>",

@@ -52,8 +52,8 @@ def explicit(entries: Iterable[Mapping], slots: int) -> list[Preemption]:
 
 
 def build(cfg, slots: int) -> list[Preemption]:
-    """The schedule of `chaos.*` over `slots` Spot VMs: `preemptions` when given, else the seeded
-    exponential draw."""
+    """The schedule of `chaos.*` (typed by harness/chaos/__main__.py's ChaosConfig) over `slots` Spot
+    VMs: `preemptions` when given, else the seeded exponential draw."""
     if cfg.get("preemptions"):
         return explicit(cfg.preemptions, slots)
-    return exponential(slots, float(cfg.mtbi_s), float(cfg.max_duration_s), int(cfg.seed))
+    return exponential(slots, cfg.mtbi_s, cfg.max_duration_s, cfg.seed)

@@ -20,7 +20,7 @@ import pytest
 from torch.distributed import TCPStore
 
 from harness import config
-from harness.chaos.__main__ import compose
+from harness.chaos.__main__ import compose, load_chaos
 from harness.chaos.cloud import RELEASE, vm_specs
 from harness.chaos.differences import CATEGORIES, JOB, METADATA, differences
 from harness.chaos.fake_metadata import FakeMetadata
@@ -55,10 +55,8 @@ def test_schedule_is_seeded_per_vm_and_explicit_lists_override_it():
 
 
 def test_schedule_from_config_prefers_the_explicit_list():
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create({"mtbi_s": 50, "seed": 1728, "max_duration_s": 300,
-                            "preemptions": [{"vm": 0, "at_s": 5}]})
+    cfg = load_chaos(["chaos.mtbi_s=50", "chaos.seed=1728", "chaos.max_duration_s=300",
+                      "chaos.preemptions=[{vm:0,at_s:5}]"])
     assert build(cfg, 2) == [Preemption(5, 0)]
     cfg.preemptions = None
     assert build(cfg, 2) == exponential(2, 50, 300, 1728)
