@@ -3,7 +3,9 @@ hundreds of MB, so it happens once per session; each synth after that takes mill
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from infra import release
 from infra import settings as infra_settings
 from infra.settings import REPO, Settings
 from tests.gcs_emulator import fake_gcs  # noqa: F401  (the session's GCS emulator, for the deploy test)
@@ -18,6 +21,9 @@ from tests.gcs_emulator import fake_gcs  # noqa: F401  (the session's GCS emulat
 TOPOLOGIES = ("hybrid", "all_spot", "on_demand")
 RELEASE = "0.0.0-test"
 PROJECT = "test-project-123"
+# The release as the tests deploy it: torch comes with the image (its CUDA build is gigabytes), so the
+# wheelhouse built here holds everything else.
+TORCH_IN_IMAGE = ("infra.image.torch=2.13.0", "infra.wheelhouse.torch=false")
 REAL_STARTUP = REPO / "startup"
 
 
@@ -93,5 +99,17 @@ def topologies(synth: Callable[..., Synthesized], synth_root: Path) -> dict[str,
 
 @pytest.fixture(scope="session")
 def wheelhouse_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One wheel cache (infra.wheelhouse.cache_dir) for the session: the wheels are downloaded once."""
-    return tmp_path_factory.mktemp("wheelhouse")
+    """One wheel cache (infra.wheelhouse.cache_dir) for the whole run, shared by the xdist workers: the
+    first to ask fills it (a download of about 45 s), later builds resolve from it (about 5 s), as a
+    second deploy does."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's folder, above each worker's own
+    cache = root / "wheelhouse"
+    with open(root / "wheelhouse.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cache / ".filled").is_file():
+            release.build_wheelhouse(infra_settings.load(
+                [f"infra.project={PROJECT}", *TORCH_IN_IMAGE, f"infra.wheelhouse.cache_dir={cache}"]))
+            (cache / ".filled").touch()
+    return cache

@@ -24,7 +24,7 @@ from harness.checkpoint.gcs_store import GCSStore
 from infra import release
 from infra.__main__ import main
 from infra.settings import REPO
-from tests.infra.conftest import PROJECT
+from tests.infra.conftest import PROJECT, TORCH_IN_IMAGE
 
 # Each call also records whether the release's manifest is in the bucket at that moment.
 STUB = """#!/bin/sh
@@ -49,9 +49,6 @@ elif args[:3] == ["compute", "regions", "describe"]:
 else:
     sys.exit(f"gcloud stub: unexpected {args}")
 """
-TORCH_IN_IMAGE = ("infra.image.torch=2.13.0", "infra.wheelhouse.torch=false")
-
-
 MASTER_GROUP = f"projects/{PROJECT}/zones/us-central1-a/instanceGroupManagers/spot-train-master"
 
 

@@ -16,9 +16,7 @@ import pytest
 
 from infra import release
 from infra import settings as infra_settings
-from tests.infra.conftest import PROJECT
-
-TORCH_IN_IMAGE = ["infra.image.torch=2.13.0", "infra.wheelhouse.torch=false"]
+from tests.infra.conftest import PROJECT, TORCH_IN_IMAGE
 
 
 def load(*overrides: str, cache: Path | None = None) -> infra_settings.Settings:
