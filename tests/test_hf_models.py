@@ -7,16 +7,19 @@ forward whose output holds no logits stops at the first step, saying what came b
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness import config
 from harness.models import ModelOutputError, logits_of
 from harness.models.hf import causal_lm
 from tests import runs
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only the tests that build a model pay it
+    from transformers import GPT2LMHeadModel
 
 TINY = ["data.block_size=32", "train.max_steps=30", "checkpoint.interval_steps=10", "checkpoint.write_threads=1",
         "train.global_batch_size=8"]
@@ -32,6 +35,8 @@ def hf(model_type: str, keys: dict) -> list[str]:
 def gpt2_as_is(vocab_size: int, block_size: int, **_unused) -> GPT2LMHeadModel:
     """A user's model function (model._target_=tests.test_hf_models.gpt2_as_is): the transformers model
     itself, KV cache and all, with GPT2 sized as `model=hf model.model_type=gpt2` with GPT2 above."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=block_size, **GPT2))
 
 

@@ -11,8 +11,6 @@ import pytest
 from harness.config import ConfigError
 from harness.telemetry import metric_names as mn
 from infra import settings as infra_settings
-from infra.constructs.apis import APIS
-from infra.constructs.monitoring import RUNBOOK
 from infra.settings import REPO
 from infra.vm import literal
 from tests.infra.conftest import PROJECT, TOPOLOGIES
@@ -61,6 +59,8 @@ def test_an_image_family_path_is_refused():
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_apis_are_resources_kept_on_destroy_and_everything_waits_for_them(topologies, topology):
+    from infra.constructs.apis import APIS  # the provider bindings: only a worker that synthesizes imports them
+
     s = topologies[topology]
     services = s.resources("google_project_service")
     assert sorted(v["service"] for v in services.values()) == sorted(APIS)
@@ -115,6 +115,8 @@ def test_an_absence_alert_fires_when_nobody_reports_steps(synth):
 
 
 def test_every_alert_names_its_runbook_step_in_the_readme(topologies):
+    from infra.constructs.monitoring import RUNBOOK
+
     readme = (REPO / "README.md").read_text()
     for policy in topologies["hybrid"].resources("google_monitoring_alert_policy").values():
         step = RUNBOOK[policy["conditions"][0]["display_name"]]
