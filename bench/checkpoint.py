@@ -46,9 +46,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import torch
@@ -247,19 +245,11 @@ def time_raw_read(directory: Path, threads: int, repeats: int) -> tuple[list[flo
     return samples, sum(buf.numel() for _, buf in files)
 
 
-def engine_config(root: Path, write_threads: int, keep: int) -> SimpleNamespace:
+def engine_config(root: Path, write_threads: int, keep: int) -> CheckpointConfig:
     """What CheckpointManager / build_tiers read: CheckpointConfig's defaults (a plain dataclass, no hydra)."""
-    return SimpleNamespace(**{
-        **asdict(CheckpointConfig()),
-        "store": str(root / "store"),
-        "keep": keep,
-        "ephemeral": False,
-        "slower_tiers": [],  # build_tiers calls extra.get("name") on entries: none here
-        "staging_dir": str(root / "staging"),
-        "scratch_dir": str(root / "restore"),
-        "write_threads": write_threads,
-        "remote_retry_s": 10.0,
-    })
+    return CheckpointConfig(store=str(root / "store"), keep=keep, ephemeral=False, slower_tiers=[],
+                            staging_dir=str(root / "staging"), scratch_dir=str(root / "restore"),
+                            write_threads=write_threads, remote_retry_s=10.0)
 
 
 def one_save(manager: CheckpointManager, state: TrainState, step: int, timeout_s: float = 600.0) -> dict[str, Any]:

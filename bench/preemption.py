@@ -35,7 +35,7 @@ def main() -> None:
         seed_everything(cfg.seed, d.rank)
         dataset, model, optimizer = build(cfg, d)
         state = TrainState(model, optimizer, d.rank)
-        ckpt = CheckpointManager(cfg.checkpoint, d)
+        ckpt = CheckpointManager(config.checkpoint_config(cfg), d)
         plan, notices = BatchPlan.for_world(cfg.train, cfg.elastic, d.world_size), NoticeBoard(25.0)
         stepper = Stepper(model, optimizer, dataset, plan, d, cfg, nullcontext())
 

@@ -324,6 +324,14 @@ def structured(schema: type[T], node: Any, prefix: str) -> T:
         raise ConfigError(f"{key}: {str(err.msg).splitlines()[0]}") from None
 
 
+def checkpoint_config(cfg: Any) -> CheckpointConfig:
+    """The `checkpoint` group as the checkpoint engine receives it: a CheckpointConfig, interpolations
+    resolved (load() has checked it)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg.checkpoint)  # type: ignore[return-value]
+
+
 def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
     if value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")

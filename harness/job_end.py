@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from harness.checkpoint.store import Store, StoreError
 from harness.checkpoint.tiers import Tier, build_tiers, durable
+from harness.config import checkpoint_config
 from harness.preemption import gce_metadata as metadata
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def job_finished(tiers: list[Tier], step: int, model_sha256: str, final_loss: fl
 def already_finished(cfg: DictConfig) -> bool:
     """The launcher's question before torchrun: True (after one line, and the groups resized to 0) when
     the job this config describes is finished."""
-    store = durable(build_tiers(cfg.checkpoint)).store
+    store = durable(build_tiers(checkpoint_config(cfg))).store
     try:
         done = read(store)
     except StoreError as err:

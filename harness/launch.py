@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     try:
         cfg = config.load(overrides)
-        for tier in build_tiers(cfg.checkpoint):
+        for tier in build_tiers(config.checkpoint_config(cfg)):
             tier.store.check_access()
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -194,7 +194,7 @@ def run(cfg: DictConfig) -> int:
     try:
         seed_everything(cfg.seed, d.rank)
         dataset, model, optimizer = build(cfg, d)
-        ckpt = CheckpointManager(cfg.checkpoint, d)
+        ckpt = CheckpointManager(config.checkpoint_config(cfg), d)
         tel = Telemetry.start(cfg, rank=d.rank, local_rank=d.local_rank, world_size=d.world_size,
                               node=f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', 0)}",
                               ledger_location=ledger_location(durable(ckpt.tiers).store.url))

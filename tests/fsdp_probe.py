@@ -22,7 +22,7 @@ def main() -> None:
     try:
         _, model, optimizer = build(cfg, d)
         state = TrainState(model, optimizer, d.rank, d.device)
-        ckpt = CheckpointManager(cfg.checkpoint, d)
+        ckpt = CheckpointManager(config.checkpoint_config(cfg), d)
         restored = ckpt.restore(state)
         sha = model_sha256(model)
         ckpt.close()

@@ -31,7 +31,7 @@ def ckpt_cfg(tmp_path, **over):
             "staging_dir": str(tmp_path / "staging"), "scratch_dir": str(tmp_path / "scratch"),
             "write_threads": 2, "remote_retry_s": 10.0}
     base.update(over)
-    return OmegaConf.merge(OmegaConf.structured(CheckpointConfig), base)  # the shipped defaults for the rest
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CheckpointConfig), base))  # shipped defaults for the rest
 
 
 def make_state(n_layer: int = 2, seed: int = 0) -> TrainState:
@@ -242,7 +242,7 @@ cfg = config.load(sys.argv[2:])
 d = distributed.init("cpu")
 _, model, optimizer = build(cfg, d)
 state = TrainState(model, optimizer, d.rank)
-CheckpointManager(cfg.checkpoint, d).restore(state)
+CheckpointManager(config.checkpoint_config(cfg), d).restore(state)
 model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
 if d.rank == 0:
     torch.save({"model": model_sd, "optim": optim_sd["state"], "step": state.progress.step}, sys.argv[1])

@@ -130,7 +130,7 @@ cfg = config.load(sys.argv[3:])
 d = distributed.init("cpu")
 _, model, optimizer = build(cfg, d)
 state = TrainState(model, optimizer, d.rank)
-ckpt = engine.CheckpointManager(cfg.checkpoint, d)
+ckpt = engine.CheckpointManager(config.checkpoint_config(cfg), d)
 real = (ckpt.first.attempt_dir, engine.ChecksummingWriter.write_data, ckpt.first.commit)
 def fail(*args, **kwargs):
     raise OSError("injected: disk full")

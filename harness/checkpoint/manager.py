@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as torch_dist
@@ -55,6 +55,9 @@ from harness.checkpoint.store import CommitConflict, LocalStore, StoreError
 from harness.checkpoint.tiers import Tier, build_tiers
 from harness.distributed import Dist, all_gather_object, broadcast_object
 from harness.state import TrainState
+
+if TYPE_CHECKING:
+    from harness.config import CheckpointConfig
 
 log = logging.getLogger("harness.checkpoint")
 
@@ -91,7 +94,7 @@ class _Outcome:
 
 
 class CheckpointManager:
-    def __init__(self, cfg, d: Dist):
+    def __init__(self, cfg: CheckpointConfig, d: Dist):
         self.cfg = cfg
         self.dist = d
         self.tiers: list[Tier] = build_tiers(cfg)

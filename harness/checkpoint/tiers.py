@@ -5,8 +5,12 @@ store's implementation is chosen from its URL."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from harness.checkpoint.store import LocalStore, Store, StoreError
+
+if TYPE_CHECKING:
+    from harness.config import CheckpointConfig
 
 
 @dataclass
@@ -40,7 +44,7 @@ def open_store(url: str, retry_deadline_s: float = 120.0) -> Store:
     return LocalStore(url)
 
 
-def build_tiers(cfg) -> list[Tier]:
+def build_tiers(cfg: CheckpointConfig) -> list[Tier]:
     """Tiers from `checkpoint.*`: the store (local, or gs:// staged through a local directory), then
     `checkpoint.slower_tiers` in order."""
     retry_s = cfg.remote_retry_s
@@ -53,7 +57,7 @@ def build_tiers(cfg) -> list[Tier]:
         tiers.append(Tier(_scheme(cfg.store), first, keep=cfg.keep))
     for i, extra in enumerate(cfg.slower_tiers):
         store = open_store(extra.url, retry_s)
-        name = extra.get("name") or f"{_scheme(extra.url)}{i}"
+        name = extra.name or f"{_scheme(extra.url)}{i}"
         tiers.append(
             Tier(name, store, keep=extra.keep, every=extra.every, every_seconds=extra.every_seconds,
                  ephemeral=extra.ephemeral, assumed_bandwidth_mb_s=extra.assumed_bandwidth_mb_s)
