@@ -257,6 +257,18 @@ MIN_MONITORING_PERIOD_S = 10.0  # Cloud Monitoring takes one point per series ev
 
 
 @dataclass
+class CostConfig:
+    """The price table (conf/cost/gcp.yaml), read by harness/cost.py (cost so far) and infra/pricing.py
+    (`make cost-per-hour`): a node costs machine_hourly[machine type] + GPUs x gpu_hourly[gpu type]."""
+
+    source: str = ""
+    as_of: str = ""
+    # <gpu or machine type>: {spot: USD/h, on_demand: USD/h}, each checked by price() at load
+    gpu_hourly: dict[str, dict[str, float]] = field(default_factory=dict)
+    machine_hourly: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
 class SweepConfig:
     """`python -m harness.sweep` (make sweep): how a Hydra multirun becomes jobs (harness/sweep/)."""
 
@@ -287,8 +299,8 @@ class JobConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
-    # Groups owned by the cost and infra layers; their own modules validate them (infra is not on the VMs).
-    cost: Any = None
+    cost: CostConfig = field(default_factory=CostConfig)
+    # Groups owned by the infra layer: infra/settings.py types and validates them (infra is not on the VMs).
     infra: Any = None
     topology: Any = None
 
@@ -322,6 +334,16 @@ def structured(schema: type[T], node: Any, prefix: str) -> T:
     except OmegaConfBaseException as err:
         key = f"{prefix}.{err.full_key}" if getattr(err, "full_key", None) else prefix
         raise ConfigError(f"{key}: {str(err.msg).splitlines()[0]}") from None
+
+
+PROVISIONING = ("spot", "on_demand")  # the price table's provisioning models
+
+
+def price(key: str, value: object) -> float:
+    """A price of the cost table: a number >= 0, USD per hour; ConfigError naming `key` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key}={value!r} must be a price >= 0 in USD per hour")
+    return float(value)
 
 
 def checkpoint_config(cfg: Any) -> CheckpointConfig:
@@ -382,6 +404,13 @@ def validate(cfg: DictConfig) -> None:
     one_of("train.fsdp.param_dtype", cfg.train.fsdp.param_dtype, FSDP_DTYPES)
     one_of("train.fsdp.reduce_dtype", cfg.train.fsdp.reduce_dtype, FSDP_DTYPES)
     one_of("checkpoint.if_busy", cfg.checkpoint.if_busy, ("wait", "skip"))
+    for table in ("gpu_hourly", "machine_hourly"):
+        for item, prices in cfg.cost[table].items():
+            for provisioning, value in prices.items():
+                if provisioning not in PROVISIONING:
+                    raise ConfigError(f"cost.{table}.{item}.{provisioning}: not a provisioning model; the table "
+                                      f"has {', '.join(PROVISIONING)}")
+                price(f"cost.{table}.{item}.{provisioning}", value)
     one_of("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
     _positive("launch.nproc_per_node", cfg.launch.nproc_per_node)
     one_of("launch.workers", cfg.launch.workers, ("auto", "fork", "exec"))

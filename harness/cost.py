@@ -19,9 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from harness.config import ConfigError
-
-PROVISIONING = ("spot", "on_demand")
+from harness.config import PROVISIONING, ConfigError, price
 
 
 def _price(cost_cfg: Mapping[str, Any], table: str, item: str, provisioning: str) -> float:
@@ -31,9 +29,7 @@ def _price(cost_cfg: Mapping[str, Any], table: str, item: str, provisioning: str
     except (KeyError, TypeError):
         known = ", ".join(sorted((cost_cfg.get(table) or {}).keys())) or "none"
         raise ConfigError(f"{key} is not in the price table; known {table}: {known}") from None
-    if not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{key}={value!r} must be a price >= 0 in USD per hour")
-    return float(value)
+    return price(key, value)
 
 
 def node_hourly(cost_cfg: Mapping[str, Any], machine_type: str, gpu_type: str | None,

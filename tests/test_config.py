@@ -38,11 +38,20 @@ def test_defaults_compose_and_carry_the_contract_keys():
         ("wandb.mode=sometimes", "wandb.mode"),
         ("checkpoint.interval_steps=soon", "checkpoint.interval_steps"),
         ("preemption.in_flight_step=maybe", "preemption.in_flight_step"),
+        ("cost.sorce=x", "sorce"),
+        ("cost.gpu_hourly.nvidia-l4.spot=cheap", "cost.gpu_hourly.nvidia-l4.spot"),
+        ("cost.machine_hourly.e2-standard-2.on_demand=-1", "cost.machine_hourly.e2-standard-2.on_demand"),
+        ("+cost.machine_hourly.my-type.preemptible=1", "cost.machine_hourly.my-type.preemptible"),
     ],
 )
 def test_bad_override_names_the_key(override, names):
     with pytest.raises(config.ConfigError, match=names.replace(".", r"\.")):
         config.load([override])
+
+
+def test_a_machine_type_missing_from_the_price_table_is_added_by_override():
+    cfg = config.load(["+cost.machine_hourly.my-type={spot:0.5,on_demand:1.5}"])
+    assert dict(cfg.cost.machine_hourly["my-type"]) == {"spot": 0.5, "on_demand": 1.5}
 
 
 def tree_digest(root) -> dict[str, str]:
