@@ -11,7 +11,7 @@ import pytest
 from harness.checkpoint.store import LocalStore
 from harness.preemption import PREEMPTED_EXIT_CODE
 from tests import runs
-from tests.test_preemption import CONFIG
+from tests.preemption.test_preemption import CONFIG
 
 
 @pytest.mark.parametrize("incarnations,world_sizes", [

@@ -21,7 +21,7 @@ from harness.checkpoint.store import LocalStore, step_dirname
 from harness.preemption import PREEMPTED_EXIT_CODE
 from tests import runs
 from tests.gcs_emulator import running_fake_gcs
-from tests.test_preemption import CONFIG
+from tests.preemption.test_preemption import CONFIG
 
 # ---------------------------------------------------------------- one cadence
 

@@ -17,7 +17,7 @@ from harness.checkpoint.store import LocalStore
 from harness.preemption import PREEMPTED_EXIT_CODE
 from tests import runs
 from tests.gcs_emulator import running_fake_gcs
-from tests.test_preemption import CONFIG
+from tests.preemption.test_preemption import CONFIG
 
 
 class TwoNodes:

@@ -31,7 +31,8 @@ def ckpt_cfg(tmp_path, **over):
             "staging_dir": str(tmp_path / "staging"), "scratch_dir": str(tmp_path / "scratch"),
             "write_threads": 2, "remote_retry_s": 10.0}
     base.update(over)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CheckpointConfig), base))  # shipped defaults for the rest
+    # The engine's typed section, with the shipped defaults for the rest.
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CheckpointConfig), base))
 
 
 def make_state(n_layer: int = 2, seed: int = 0) -> TrainState:

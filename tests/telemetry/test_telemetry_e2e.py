@@ -1,5 +1,5 @@
 """The goodput ledger end to end with real torchrun jobs. A SIGTERM to one worker of a 2-process job and
-a relaunch: all ranks save the same step and resume exactly (tests/test_preemption.preempt_and_resume),
+a relaunch: all ranks save the same step and resume exactly (tests/preemption/test_preemption.preempt_and_resume),
 the ledger outlives the processes, one W&B run id spans both incarnations, Cloud Monitoring receives the
 shared metric names, and the resumed start's split (launcher to first step) is in the ledger, the summary
 and the trainer's goodput table. Whole-tree SIGKILLs at world sizes 2 and 1: the ledger still has every incarnation
@@ -18,7 +18,7 @@ from harness.telemetry.breakdown import PHASES, PRODUCTIVE, breakdown
 from harness.telemetry.ledger import read_ledger
 from harness.telemetry.wandb_reader import offline_runs
 from tests import runs
-from tests.test_preemption import preempt_and_resume, signal_worker
+from tests.preemption.test_preemption import preempt_and_resume, signal_worker
 
 DOWNTIME_S = 2.0
 

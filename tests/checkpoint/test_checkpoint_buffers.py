@@ -13,7 +13,7 @@ from harness.checkpoint.store import LocalStore
 from harness.distributed import Dist
 from harness.state import model_sha256
 from tests import runs
-from tests.test_checkpoint import advance, ckpt_cfg, make_state
+from tests.checkpoint.test_checkpoint import advance, ckpt_cfg, make_state
 
 
 def committed(manager: CheckpointManager, step: int) -> bool:
@@ -84,7 +84,7 @@ def test_replicated_tensors_are_split_evenly_by_bytes_and_each_goes_to_one_rank(
 
 def test_a_rank_short_of_memory_fails_that_save_on_every_rank_and_the_next_save_commits(tmp_path):
     log = tmp_path / "probe.log"
-    proc = runs.torchrun_script(2, "tests/alloc_probe.py", [str(tmp_path / "store")], timeout=240)
+    proc = runs.torchrun_script(2, "tests/checkpoint/alloc_probe.py", [str(tmp_path / "store")], timeout=240)
     log.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, runs.tail(log)
     lines = [json.loads(line.split("probe: ", 1)[1]) for line in log.read_text().splitlines() if "probe: " in line]

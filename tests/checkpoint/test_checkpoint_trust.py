@@ -28,8 +28,8 @@ from harness.checkpoint.store import REASON, LocalStore, Transfer, TransferAband
 from harness.distributed import Dist
 from harness.state import TrainState, capture_rng, model_sha256, restore_rng
 from tests import runs
+from tests.checkpoint.test_checkpoint import advance, ckpt_cfg, flip, make_state, save_steps
 from tests.gcs_emulator import running_fake_gcs
-from tests.test_checkpoint import advance, ckpt_cfg, flip, make_state, save_steps
 
 # ---------------------------------------------------------------- quarantine
 

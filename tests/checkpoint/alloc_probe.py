@@ -3,7 +3,7 @@ the next save) goes on.
 
     torchrun --nproc-per-node=2 tests/alloc_probe.py STORE
 
-Run by tests/test_checkpoint_buffers.py. Rank 1 lowers its own address-space limit (RLIMIT_AS, a real
+Run by tests/checkpoint/test_checkpoint_buffers.py. Rank 1 lowers its own address-space limit (RLIMIT_AS, a real
 allocation failure, no mock) before the save of a state whose buffers it has not allocated yet, then
 lifts it for the next save. A small state saved first starts the writer's threads under no limit.
 Each rank prints one line `probe: {...}` with what its saves reported.
@@ -23,7 +23,7 @@ import torch.nn as nn
 from harness import distributed
 from harness.checkpoint.manager import CheckpointManager
 from harness.state import TrainState, model_sha256
-from tests.test_checkpoint import ckpt_cfg
+from tests.checkpoint.test_checkpoint import ckpt_cfg
 
 
 def state_of(width: int, d: distributed.Dist) -> TrainState:

@@ -33,7 +33,7 @@ def hf(model_type: str, keys: dict) -> list[str]:
 
 
 def gpt2_as_is(vocab_size: int, block_size: int, **_unused) -> GPT2LMHeadModel:
-    """A user's model function (model._target_=tests.test_hf_models.gpt2_as_is): the transformers model
+    """A user's model function (model._target_=tests.models.test_hf_models.gpt2_as_is): the transformers model
     itself, KV cache and all, with GPT2 sized as `model=hf model.model_type=gpt2` with GPT2 above."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -41,7 +41,7 @@ def gpt2_as_is(vocab_size: int, block_size: int, **_unused) -> GPT2LMHeadModel:
 
 
 class DictOfHidden(nn.Module):
-    """A forward that returns a dict without logits (model._target_=tests.test_hf_models.DictOfHidden)."""
+    """A forward that returns a dict without logits (model._target_=tests.models.test_hf_models.DictOfHidden)."""
 
     def __init__(self, vocab_size: int, **_unused):
         super().__init__()
@@ -69,7 +69,7 @@ def kill_after_first_checkpoint_then_resume(tmp_path, overrides: list[str]) -> d
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 @pytest.mark.parametrize(("model_type", "keys", "reference"), [
-    ("gpt2", GPT2, ["model._target_=tests.test_hf_models.gpt2_as_is"]),  # also: the user's function trains
+    ("gpt2", GPT2, ["model._target_=tests.models.test_hf_models.gpt2_as_is"]),  # also: the user's function trains
     ("llama", LLAMA, None),
 ], ids=["gpt2", "llama"])
 def test_hf_model_killed_and_relaunched_ends_as_an_uninterrupted_run(tmp_path, reference_sha, model_type, keys,
@@ -83,7 +83,7 @@ def test_hf_model_killed_and_relaunched_ends_as_an_uninterrupted_run(tmp_path, r
 
 def test_a_forward_without_logits_fails_at_the_first_step_saying_what_came_back(tmp_path):
     log = tmp_path / "log.txt"
-    code = runs.run(0, ["model._target_=tests.test_hf_models.DictOfHidden", "train.max_steps=3",
+    code = runs.run(0, ["model._target_=tests.models.test_hf_models.DictOfHidden", "train.max_steps=3",
                         f"run.dir={tmp_path / 'run'}"], log)
     assert code == 2, runs.tail(log)
     text = log.read_text()
