@@ -32,7 +32,7 @@ venvs:
 	$(MAKE) --no-print-directory -j 2 setup .venv-checkov
 
 test: venvs lint
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 --ignore=tests/chaos tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15 --ignore=tests/chaos tests
 	$(VENV)/bin/pytest -q tests/chaos  # the local Spot cloud's deadlines want the machine to itself
 
 train: setup

@@ -23,17 +23,3 @@ def reference_sha(tmp_path_factory):
         return cache[key]
 
     return get
-
-
-# xdist's loadfile hands each worker whole files, two queued at a time; the Makefile turns off its
-# reordering by test count, so that the longest files go first and no worker starts one near the end
-# while the other idles. Worker-seconds measured on the 2-core CI machine; the rest keep their order.
-LONGEST_FIRST = ("test_engine_e2e.py", "test_exactness.py", "preemption/test_preemption.py",
-                 "models/test_hf_models.py", "test_elastic.py", "infra/test_infra_deploy.py",
-                 "checkpoint/test_checkpoint.py", "sweep/test_sweep.py", "test_fsdp.py",
-                 "telemetry/test_telemetry_e2e.py", "test_survivors.py", "startup/test_startup_sh.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {f"tests/{name}": i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
