@@ -247,9 +247,8 @@ def time_raw_read(directory: Path, threads: int, repeats: int) -> tuple[list[flo
 
 def engine_config(root: Path, write_threads: int, keep: int) -> CheckpointConfig:
     """What CheckpointManager / build_tiers read: CheckpointConfig's defaults (a plain dataclass, no hydra)."""
-    return CheckpointConfig(store=str(root / "store"), keep=keep, ephemeral=False, slower_tiers=[],
-                            staging_dir=str(root / "staging"), scratch_dir=str(root / "restore"),
-                            write_threads=write_threads, remote_retry_s=10.0)
+    return CheckpointConfig(store=str(root / "store"), keep=keep, staging_dir=str(root / "staging"),
+                            scratch_dir=str(root / "restore"), write_threads=write_threads, remote_retry_s=10.0)
 
 
 def one_save(manager: CheckpointManager, state: TrainState, step: int, timeout_s: float = 600.0) -> dict[str, Any]:
